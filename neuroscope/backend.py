@@ -1,0 +1,178 @@
+"""The backend protocol and how backends are found.
+
+A backend owns the model on its device: it runs prefill and decode with a KV cache, samples, and
+hooks the residual stream at the output of decoder blocks (``hidden_states[L+1]`` in transformers'
+terms) where it encodes with the SAE and takes the top-k on the device. Only k (index, activation)
+pairs per position and layer cross to the host.
+
+Backends are plugins in the entry-point group ``neuroscope.backends``; the core imports them only
+when asked, so ``neuroscope`` itself never imports mlx or torch.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import numpy as np
+
+from neuroscope.errors import BackendUnavailable, ConfigError
+from neuroscope.sae import SAE
+
+ENTRY_POINT_GROUP = "neuroscope.backends"
+EXTRA_FOR_BACKEND = {"mlx": "mlx", "torch": "torch"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token; ``temperature == 0`` is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerTopK:
+    """Top-k SAE features for consecutive positions of one layer, on the host."""
+
+    indices: np.ndarray  # int64 [positions, k]
+    activations: np.ndarray  # float32 [positions, k]
+
+
+StepFeatures = dict[int, LayerTopK]  # layer -> top-k for the positions just processed
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Per-feature reductions of one batch of sequences at one layer, computed on the device.
+
+    Only real tokens count: padding and position 0 (BOS) are excluded. Activations "fire" when > 0.
+    Sums are float64 on the host; ``act_m2`` is the sum of squared deviations of the firing
+    activations from this batch's own firing mean (so batches merge exactly with Chan's formula).
+    ``top_values``/``top_tokens`` ([width, top_n]) are each feature's largest activations in the batch
+    and where they occurred, as flat indices ``row * seq_len + col`` into the padded batch
+    (``-1`` where fewer than top_n tokens fired).
+    """
+
+    tokens: int
+    seq_len: int
+    fire_count: np.ndarray  # int64 [width]
+    act_sum: np.ndarray  # float64 [width], over firing tokens
+    act_m2: np.ndarray  # float64 [width], over firing tokens, about this batch's firing mean
+    act_max: np.ndarray  # float32 [width]
+    top_values: np.ndarray | None = None  # float32 [width, top_n]
+    top_tokens: np.ndarray | None = None  # int64 [width, top_n]
+
+
+class Backend(ABC):
+    """One loaded model on one device, running one sequence at a time.
+
+    Constructed as ``Backend(model_dir, *, dtype=None, dummy_weights=False)``: ``model_dir`` is a local
+    folder in the Hugging Face layout; ``dummy_weights`` builds the architecture from its
+    ``config.json`` with random weights.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Can this backend run on this machine (its packages import, its device exists)?"""
+        return True
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """A human-readable device name: 'cpu', 'cuda:0', 'metal', ..."""
+
+    @abstractmethod
+    def set_saes(self, saes: Mapping[int, SAE], top_k: int) -> None:
+        """Hook these layers (layer -> SAE) and report ``top_k`` features per position."""
+
+    @abstractmethod
+    def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
+        """Add ``vector`` [hidden_size] to the residual stream after block ``layer`` (None: stop)."""
+
+    @abstractmethod
+    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
+        """Start a new sequence: reset the cache and RNG, run the prompt, return its features."""
+
+    @abstractmethod
+    def decode(self, token_id: int) -> StepFeatures:
+        """Feed one token through the cache; return its features."""
+
+    @abstractmethod
+    def sample(self) -> int:
+        """Sample the next token from the last logits with the sequence's sampling params."""
+
+    @abstractmethod
+    def batch_feature_stats(
+        self, batch: Sequence[Sequence[int]], layer: int, top_n: int = 0
+    ) -> BatchStats:
+        """Prefill a batch (right-padded, no cache, no generation) and reduce the SAE features of
+        ``layer`` (which must have an SAE set) on the device; see :class:`BatchStats`."""
+
+    @abstractmethod
+    def forward_reference(
+        self, token_ids: Sequence[int], layers: Sequence[int]
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """No cache, no SAE: residuals after the given blocks ([T, d] each) and logits [T, V].
+
+        For parity tests and debugging; float32 numpy on the host.
+        """
+
+
+def available_backends() -> dict[str, type[Backend]]:
+    """The installed backend plugins, by name (loading each imports its framework)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}  # type: ignore[misc]
+
+
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def load_backend_class(name: str) -> type[Backend]:
+    """The backend class called ``name``; ``auto`` is MLX on Apple Silicon, torch elsewhere."""
+    if name == "auto":
+        name = "mlx" if _is_apple_silicon() else "torch"
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise ConfigError(f"Unknown backend {name!r}. Installed backends: {known}; or 'auto'.")
+    extra = EXTRA_FOR_BACKEND.get(name, name)
+    try:
+        cls = eps[name].load()
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"The {name} backend needs packages that are not installed ({e.name or e}). "
+            f"Install them with: pip install 'neuroscope[{extra}]'"
+        ) from None
+    if not cls.is_available():
+        raise BackendUnavailable(
+            f"The {name} backend cannot run on this machine ({sys.platform}/{platform.machine()}). "
+            f"Try --backend {'torch' if name == 'mlx' else 'mlx'}."
+        )
+    return cls

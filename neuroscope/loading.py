@@ -1,0 +1,148 @@
+"""From what the user typed (a repo id, a folder, a .gguf file, a preset) to a local model folder.
+
+Every backend loads the Hugging Face layout from a local folder; this module is the one place that
+downloads (huggingface_hub: HF cache, HF_TOKEN and HF_HUB_OFFLINE respected), converts GGUF files and
+lays out configs for dummy weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from neuroscope.cache import cache_dir, slug, write_json_atomic
+from neuroscope.errors import ConfigError, ModelLoadError
+
+DEFAULT_MODEL = "google/gemma-2-2b-it"
+LoadFormat = Literal["auto", "dummy"]
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+
+# Architecture presets for dummy weights: real shapes, no download. Values are the published configs.
+PRESETS: dict[str, dict] = {
+    "gemma-2-2b": {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+    },
+}
+PRESETS["gemma-2-2b-it"] = PRESETS["gemma-2-2b"]
+PRESETS["google/gemma-2-2b"] = PRESETS["gemma-2-2b"]
+PRESETS["google/gemma-2-2b-it"] = PRESETS["gemma-2-2b"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for, as served in /v1/models
+    path: Path  # a local folder in the Hugging Face layout
+    dummy_weights: bool = False
+
+
+def resolve_model(model: str, load_format: LoadFormat = "auto") -> ResolvedModel:
+    """Find or make a local Hugging Face-layout folder for ``model``."""
+    if load_format not in ("auto", "dummy"):
+        raise ConfigError(f"--load-format must be 'auto' or 'dummy', not {load_format!r}.")
+    if load_format == "dummy":
+        return ResolvedModel(model, _dummy_folder(model), dummy_weights=True)
+    local = Path(model).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelLoadError(f"GGUF file {local} does not exist.")
+        from neuroscope.gguf import convert_gguf
+
+        return ResolvedModel(model, convert_gguf(local))
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(
+                f"{local} has no config.json: give a folder in the Hugging Face layout, a .gguf file, "
+                "or a Hub repo id such as google/gemma-2-2b-it."
+            )
+        return ResolvedModel(model, local)
+    if local.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{model} is neither a model folder nor a .gguf file.")
+    return ResolvedModel(model, _download(model))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILE_PATTERNS))
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"No model {repo_id} on the Hugging Face Hub (private ones need HF_TOKEN)."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} is not in the Hugging Face cache and the Hub cannot be reached. Connect once "
+            "(or `neuroscope models pull`), or pass a local folder or .gguf file."
+        ) from None
+    except HFValidationError:
+        raise ModelLoadError(
+            f"{repo_id!r} is not a model folder, a .gguf file or a Hub repo id (owner/name)."
+        ) from None
+
+
+def _dummy_folder(model: str) -> Path:
+    """A folder with ``config.json`` and a small tokenizer for random weights at real shapes."""
+    local = Path(model).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        config_path = local / "config.json"
+    elif local.is_file() and local.suffix == ".json":
+        config_path = local
+    elif model in PRESETS:
+        config_path = None
+    else:
+        raise ConfigError(
+            f"Dummy weights need a preset ({', '.join(sorted(PRESETS))}), a config.json or a folder "
+            f"holding one; got {model!r}."
+        )
+    config = json.loads(config_path.read_text()) if config_path else dict(PRESETS[model])
+    folder = cache_dir("models") / "dummy" / slug(model)
+    if config_path and (config_path.parent / "tokenizer.json").is_file():
+        tokenizer_source = config_path.parent
+    else:
+        tokenizer_source = None
+    if not (folder / "tokenizer.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        if tokenizer_source is not None:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+        else:
+            from neuroscope.testing import build_tokenizer
+
+            build_tokenizer(folder)
+    write_json_atomic(folder / "config.json", config)
+    return folder

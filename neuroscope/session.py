@@ -1,0 +1,285 @@
+"""``neuroscope.Session``: a model with SAEs hooked at one or more layers, scripted from Python.
+
+with Session(model="google/gemma-2-2b-it", layer=20) as s:
+    for rec in s.generate("What is the capital of France?", max_tokens=32, temperature=0.0):
+        print(rec.token, [(f.label, f.activation) for f in rec.top_features])
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from neuroscope.backend import Backend, SamplingParams, load_backend_class
+from neuroscope.chat import ChatTokenizer, Message
+from neuroscope.errors import ConfigError
+from neuroscope.generation import (
+    Event,
+    FeatureFilter,
+    LabelLookup,
+    RecordBuilder,
+    TextDelta,
+    default_label,
+    generate,
+    prompt_records,
+)
+from neuroscope.loading import DEFAULT_MODEL, LoadFormat, ResolvedModel, resolve_model
+from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.sae import (
+    DEFAULT_SAE_REPO,
+    SAE,
+    InputNorm,
+    load_from_hub,
+    load_local,
+    resolve_sae_path,
+)
+
+DUMMY_SAE_WIDTH = 16384
+
+
+def new_request_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def _per_layer(value: str | Sequence[str] | None, layers: list[int], what: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * len(layers)
+    if len(value) != len(layers):
+        raise ConfigError(f"{what} lists {len(value)} entries for {len(layers)} layers {layers}.")
+    return list(value)
+
+
+def load_saes(
+    layers: list[int],
+    *,
+    sae: str = DEFAULT_SAE_REPO,
+    sae_path: str | Sequence[str] | None = None,
+    sae_local_path: str | Sequence[str] | None = None,
+    input_norm: InputNorm = "none",
+    dummy_d_model: int | None = None,
+) -> dict[int, SAE]:
+    """One SAE per layer. Paths may be lists (one per layer) or contain ``{layer}``.
+
+    With ``dummy_d_model`` and no path given, each layer gets a random SAE of Gemma Scope's shape.
+    """
+    paths = _per_layer(sae_path, layers, "sae_path")
+    local_paths = _per_layer(sae_local_path, layers, "sae_local_path")
+    saes = {}
+    for layer, path, local in zip(layers, paths, local_paths, strict=True):
+        if local:
+            local = local.format(layer=layer) if "{layer}" in local else local
+            loaded = load_local(local)
+        elif dummy_d_model is not None and not path:
+            from neuroscope.testing import random_sae_arrays
+
+            arrays = random_sae_arrays(dummy_d_model, DUMMY_SAE_WIDTH, seed=layer)
+            loaded = SAE(
+                W_enc=arrays["W_enc"], b_enc=arrays["b_enc"], b_dec=arrays["b_dec"],
+                W_dec=arrays["W_dec"], threshold=arrays["threshold"],
+                id=f"dummy/layer_{layer}/width_16k", source="random",
+            )  # fmt: skip
+        else:
+            loaded = load_from_hub(sae, resolve_sae_path(path, layer, sae))
+        saes[layer] = loaded.with_input_norm(input_norm)
+    return saes
+
+
+@dataclass
+class Generation:
+    """Iterate for feature records in position order; ``text``, ``finish_reason`` and token counts
+    are filled in as it runs (complete once iteration ends)."""
+
+    _events: Iterator[Event]
+    phase: str = "all"
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    records: list[TokenFeatures] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[TokenFeatures]:
+        for event in self._events:
+            if isinstance(event, TextDelta):
+                self.text += event.text
+            elif isinstance(event, GenerationComplete):
+                self.finish_reason = event.finish_reason
+                self.prompt_tokens = event.prompt_tokens
+                self.completion_tokens = event.completion_tokens
+            elif self.phase in ("all", event.phase):
+                self.records.append(event)
+                yield event
+
+    def run(self) -> Generation:
+        """Consume the whole generation; return self."""
+        for _ in self:
+            pass
+        return self
+
+
+class Session:
+    """A model and its SAEs, loaded once; ``generate`` and ``trace`` run requests one at a time."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        sae: str = DEFAULT_SAE_REPO,
+        sae_path: str | Sequence[str] | None = None,
+        sae_local_path: str | Sequence[str] | None = None,
+        layer: int | Sequence[int] = 20,
+        backend: str = "auto",
+        top_k: int = 10,
+        dtype: str | None = None,
+        load_format: LoadFormat = "auto",
+        input_norm: InputNorm = "none",
+        labels: LabelLookup | None = None,
+        feature_filter: FeatureFilter | None = None,
+        report_bos: bool = False,
+    ):
+        self.layers = [layer] if isinstance(layer, int) else list(layer)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layer must be an int or a list of distinct ints, got {layer!r}.")
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}.")
+        self.resolved: ResolvedModel = resolve_model(model, load_format)
+        backend_class = load_backend_class(backend)
+        self.tokenizer = ChatTokenizer(self.resolved.path)
+        self.backend: Backend = backend_class(
+            self.resolved.path, dtype=dtype, dummy_weights=self.resolved.dummy_weights
+        )
+        info = self.backend.info
+        for L in self.layers:
+            if not 0 <= L < info.num_layers:
+                raise ConfigError(
+                    f"Layer {L} is out of range: {model} ({info.model_type}) has {info.num_layers} "
+                    f"decoder blocks, numbered 0 to {info.num_layers - 1}."
+                )
+        self.saes = load_saes(
+            self.layers, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path,
+            input_norm=input_norm,
+            dummy_d_model=info.hidden_size if self.resolved.dummy_weights else None,
+        )  # fmt: skip
+        for s in self.saes.values():
+            s.check_model(info.hidden_size, model)
+        self.builder = RecordBuilder(
+            sae_ids={L: s.id for L, s in self.saes.items()},
+            top_k=top_k,
+            labels=labels or default_label,
+            feature_filter=feature_filter,
+        )
+        self.backend.set_saes(
+            self.saes, min(self.builder.backend_top_k, *(s.width for s in self.saes.values()))
+        )
+        self.report_bos = report_bos
+
+    @property
+    def model_name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def max_context(self) -> int | None:
+        return self.backend.info.max_position_embeddings
+
+    def encode(self, prompt: str | Sequence[Message]) -> list[int]:
+        """A string is one user turn; a list is OpenAI-style messages. The chat template applies."""
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return self.tokenizer.encode_chat(prompt)
+
+    def check_length(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
+        """The max_tokens that fits the context; ConfigError if the prompt alone does not fit."""
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}.")
+        limit = self.max_context
+        if limit is None:
+            return max_tokens
+        if len(prompt_ids) >= limit:
+            raise ConfigError(
+                f"The prompt is {len(prompt_ids)} tokens; this model's context is {limit}. Shorten it."
+            )
+        return min(max_tokens, limit - len(prompt_ids))
+
+    def events(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        request_id: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        should_stop: Any = None,
+    ) -> Iterator[Event]:
+        """The raw event stream of one request (text, records, completion), for servers."""
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}.")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
+        max_tokens = self.check_length(prompt_ids, max_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return generate(
+            self.backend, self.tokenizer, self.builder, prompt_ids,
+            request_id=request_id or new_request_id(), max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            stop=stops, report_bos=self.report_bos, should_stop=should_stop or (lambda: False),
+        )  # fmt: skip
+
+    def generate(
+        self,
+        prompt_or_messages: str | Sequence[Message],
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        phase: str = "all",
+    ) -> Generation:
+        """Generate a reply; iterate the result for records (prompt and generated, in position order)."""
+        if phase not in ("all", "prompt", "generation"):
+            raise ConfigError(f"phase must be 'all', 'prompt' or 'generation', got {phase!r}.")
+        ids = self.encode(prompt_or_messages)
+        events = self.events(
+            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
+        )
+        return Generation(events, phase=phase)
+
+    def trace(self, text: str, request_id: str | None = None) -> list[TokenFeatures]:
+        """The prompt records of ``text`` as it stands (no chat template, no generation)."""
+        ids = self.tokenizer.encode_text(text)
+        self.check_length(ids[:-1], 1)
+        features = self.backend.prefill(ids, SamplingParams(temperature=0.0))
+        return list(
+            prompt_records(
+                self.builder,
+                self.tokenizer,
+                request_id or new_request_id(),
+                ids,
+                features,
+                None,
+                self.report_bos,
+            )
+        )
+
+    def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
+        """Add ``vector`` to the residual stream after block ``layer`` on every later forward pass."""
+        self.backend.set_steering(layer, vector)
+
+    def close(self) -> None:
+        self.backend = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(model={self.model_name!r}, layers={self.layers}, backend={type(self.backend).__name__})"
+
+
+__all__ = ["Generation", "Session", "load_saes", "new_request_id"]

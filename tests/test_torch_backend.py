@@ -1,0 +1,179 @@
+"""The torch backend against transformers (model) and numpy (SAE)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LONG_PROMPT, TINY_LAYER, requires_torch
+from reference import (
+    load_npz,
+    numpy_sae_encode,
+    numpy_top_k,
+    transformers_forward,
+    transformers_greedy,
+)
+
+from neuroscope.backend import SamplingParams
+from neuroscope.chat import ChatTokenizer
+from neuroscope.sae import load_local
+
+pytestmark = requires_torch
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model, tiny_sae):
+    from neuroscope_torch import TorchBackend
+
+    b = TorchBackend(tiny_model, dtype="float32")
+    b.set_saes({TINY_LAYER: load_local(tiny_sae["npz"])}, top_k=8)
+    return b
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model):
+    ids = ChatTokenizer(tiny_model).encode_text(LONG_PROMPT)
+    assert len(ids) > 3 * 8, "the prompt must be longer than the sliding window"
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, prompt_ids):
+    return transformers_forward(tiny_model, prompt_ids)
+
+
+def test_residuals_and_logits_match_transformers(backend, prompt_ids, reference):
+    hidden, logits = reference
+    layers = list(range(backend.info.num_layers))
+    residuals, our_logits = backend.forward_reference(prompt_ids, layers)
+    for layer in layers[:-1]:
+        np.testing.assert_allclose(residuals[layer], hidden[layer + 1], atol=1e-5, rtol=0)
+    # transformers applies the final norm to its last hidden state; the hook sits before it
+    import torch
+
+    final_norm = backend.model.model.norm
+    normed = final_norm(torch.from_numpy(residuals[layers[-1]])).detach().numpy()
+    np.testing.assert_allclose(normed, hidden[-1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(our_logits, logits, atol=1e-4, rtol=0)
+
+
+def test_cached_decode_matches_full_forward(backend, prompt_ids, reference, tiny_sae):
+    """Prefill part of the prompt, decode the rest token by token (well past the window)."""
+    hidden, _ = reference
+    params = load_npz(tiny_sae["npz"])
+    split = 5
+    steps = [backend.prefill(prompt_ids[:split], SamplingParams(temperature=0))[TINY_LAYER]]
+    steps += [backend.decode(t)[TINY_LAYER] for t in prompt_ids[split:]]
+    indices = np.concatenate([s.indices for s in steps])
+    activations = np.concatenate([s.activations for s in steps])
+    want_idx, want_act = numpy_top_k(numpy_sae_encode(hidden[TINY_LAYER + 1], params), 8)
+    np.testing.assert_allclose(activations, want_act, atol=2e-4)
+    assert (indices == want_idx).mean() > 0.99  # ties at the cut-off aside
+
+
+@pytest.mark.parametrize("fmt", ["npz", "saelens"])
+def test_sae_top_k_equals_numpy_formula(backend, prompt_ids, reference, tiny_sae, fmt):
+    hidden, _ = reference
+    backend.set_saes({TINY_LAYER: load_local(tiny_sae[fmt])}, top_k=10)
+    features = backend.prefill(prompt_ids, SamplingParams(temperature=0))[TINY_LAYER]
+    acts = numpy_sae_encode(hidden[TINY_LAYER + 1], load_npz(tiny_sae["npz"]))
+    want_idx, want_act = numpy_top_k(acts, 10)
+    np.testing.assert_allclose(features.activations, want_act, atol=1e-4)
+    for got, want, row in zip(features.indices, want_idx, acts, strict=True):
+        assert set(got[row[got] > 0]) == set(want[row[want] > 0])
+    assert features.indices.dtype == np.int64 and features.activations.dtype == np.float32
+
+
+def test_greedy_tokens_equal_transformers_generate(backend, tiny_model):
+    tokenizer = ChatTokenizer(tiny_model)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    want = transformers_greedy(tiny_model, ids, 20)
+    backend.prefill(ids, SamplingParams(temperature=0))
+    got = []
+    for _ in range(20):
+        got.append(backend.sample())
+        backend.decode(got[-1])
+    assert got == want
+    assert len(set(got)) > 1, "the tiny model should not just repeat one token"
+
+
+def test_sampling_is_reproducible_and_respects_top_k(backend, prompt_ids):
+    def draw(params, n=12):
+        backend.prefill(prompt_ids[:10], params)
+        out = []
+        for _ in range(n):
+            out.append(backend.sample())
+            backend.decode(out[-1])
+        return out
+
+    hot = SamplingParams(temperature=1.5, seed=7)
+    assert draw(hot) == draw(hot)
+    assert draw(hot) != draw(SamplingParams(temperature=1.5, seed=8))
+    assert draw(SamplingParams(temperature=1.0, top_k=1, seed=3)) == draw(
+        SamplingParams(temperature=0)
+    )
+    assert draw(SamplingParams(temperature=1.0, top_p=1e-6, seed=3)) == draw(
+        SamplingParams(temperature=0)
+    )
+
+
+def test_batch_feature_stats_equal_numpy(backend, tiny_model, tiny_sae):
+    tokenizer = ChatTokenizer(tiny_model)
+    texts = [
+        "The capital of France is Paris.",
+        "Hello! How are you today? I am fine.",
+        "Numbers: 1 2 3",
+    ]
+    batch = [tokenizer.encode_text(t) for t in texts]
+    backend.set_saes({TINY_LAYER: load_local(tiny_sae["npz"])}, top_k=8)
+    stats = backend.batch_feature_stats(batch, TINY_LAYER, top_n=4)
+    params = load_npz(tiny_sae["npz"])
+    acts = np.concatenate(
+        [
+            numpy_sae_encode(transformers_forward(tiny_model, seq)[0][TINY_LAYER + 1][1:], params)
+            for seq in batch
+        ]
+    )
+    fired = acts > 0
+    assert stats.tokens == sum(len(s) - 1 for s in batch)
+    np.testing.assert_array_equal(stats.fire_count, fired.sum(0))
+    np.testing.assert_allclose(stats.act_sum, (acts * fired).sum(0), rtol=1e-5)
+    mean = np.where(fired.sum(0) > 0, (acts * fired).sum(0) / np.maximum(fired.sum(0), 1), 0)
+    np.testing.assert_allclose(
+        stats.act_m2, (((acts - mean) ** 2) * fired).sum(0), rtol=1e-4, atol=1e-3
+    )
+    np.testing.assert_allclose(stats.act_max, acts.max(0), rtol=1e-5)
+    assert stats.top_values.shape == (acts.shape[1], 4)
+    np.testing.assert_allclose(stats.top_values[:, 0], acts.max(0), rtol=1e-5)
+    # the flat index of each feature's top token points at a real (non-pad, non-BOS) position
+    best = stats.top_tokens[:, 0][stats.top_values[:, 0] > 0]
+    rows, cols = np.divmod(best, stats.seq_len)
+    assert all(1 <= c < len(batch[r]) for r, c in zip(rows, cols, strict=True))
+
+
+def test_steering_adds_the_vector_at_its_layer(backend, prompt_ids):
+    base, _ = backend.forward_reference(prompt_ids, [TINY_LAYER])
+    vector = np.random.default_rng(0).standard_normal(backend.info.hidden_size).astype(np.float32)
+    backend.set_steering(TINY_LAYER, vector)
+    try:
+        steered, _ = backend.forward_reference(prompt_ids, [TINY_LAYER])
+    finally:
+        backend.set_steering(TINY_LAYER, None)
+    np.testing.assert_allclose(
+        steered[TINY_LAYER] - base[TINY_LAYER],
+        np.broadcast_to(vector, base[TINY_LAYER].shape),
+        atol=1e-5,
+    )
+    again, _ = backend.forward_reference(prompt_ids, [TINY_LAYER])
+    np.testing.assert_array_equal(again[TINY_LAYER], base[TINY_LAYER])
+
+
+def test_dummy_weights_build_from_config(tmp_path, tiny_model):
+    from neuroscope_torch import TorchBackend
+
+    from neuroscope.loading import resolve_model
+
+    resolved = resolve_model(str(tiny_model / "config.json"), load_format="dummy")
+    assert not list(resolved.path.glob("*.safetensors"))
+    b = TorchBackend(resolved.path, dummy_weights=True)
+    residuals, logits = b.forward_reference([2, 10, 11, 12], [1])
+    assert logits.shape == (4, 512) and np.isfinite(logits).all() and residuals[1].std() > 0
