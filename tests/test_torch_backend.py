@@ -168,9 +168,8 @@ def test_steering_adds_the_vector_at_its_layer(backend, prompt_ids):
 
 
 def test_dummy_weights_build_from_config(tmp_path, tiny_model):
-    from neuroscope_torch import TorchBackend
-
     from neuroscope.loading import resolve_model
+    from neuroscope_torch import TorchBackend
 
     resolved = resolve_model(str(tiny_model / "config.json"), load_format="dummy")
     assert not list(resolved.path.glob("*.safetensors"))

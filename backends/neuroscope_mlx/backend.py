@@ -1,0 +1,309 @@
+"""MLXBackend: mlx-lm models hooked at decoder-block outputs, SAE top-k and sampling on the device.
+
+Each step builds one lazy graph (model, SAE encode, top-k, next-token sample) and evaluates it
+once; only k (index, activation) pairs per position and hooked layer, and the sampled token, are
+copied to the host.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from neuroscope.backend import (
+    Backend,
+    BatchStats,
+    LayerTopK,
+    ModelInfo,
+    SamplingParams,
+    StepFeatures,
+)
+from neuroscope.errors import ConfigError
+from neuroscope.sae import SAE
+from neuroscope_mlx.hooks import install_hooks
+from neuroscope_mlx.loading import load_folder, resolve_dtype
+from neuroscope_mlx.sae import MLXSAE, top_k
+from neuroscope_mlx.sampling import sample_token
+
+TopK = dict[int, tuple[mx.array, mx.array]]  # layer -> (indices, activations), on the device
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    # Prompt tokens per forward pass: bounds the attention and activation memory of long prompts.
+    prefill_step = 512
+
+    def __init__(self, model_dir: Path, *, dtype: str | None = None, dummy_weights: bool = False):
+        self.dtype = resolve_dtype(dtype)
+        self.model, self.config = load_folder(model_dir, self.dtype, dummy_weights=dummy_weights)
+        self._hooks = install_hooks(self.model)
+        self._info = _model_info(self.config, num_layers=len(self._hooks))
+        self._saes: dict[int, MLXSAE] = {}
+        self._top_k = 10
+        self._recorded: tuple[int, ...] = ()
+        self._cache: list | None = None
+        self._sampling = SamplingParams()
+        self._key: mx.array | None = None
+        self._logits: mx.array | None = None  # float32 [vocab], what sample() reads
+        self._next_token: mx.array | None = None  # sampled with the step's graph, not yet taken
+        self.last_residuals: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            import mlx.core  # noqa: F401
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def device(self) -> str:
+        return "metal" if mx.default_device() == mx.gpu else "cpu"
+
+    # --- configuration -------------------------------------------------------------------
+
+    def set_saes(self, saes: Mapping[int, SAE], top_k: int) -> None:
+        device_saes = {}
+        for layer, sae in saes.items():
+            self._check_layer(layer)
+            sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
+            if not 1 <= top_k <= sae.width:
+                raise ConfigError(
+                    f"top_k must be between 1 and the SAE width {sae.width}, not {top_k}."
+                )
+            device_saes[layer] = MLXSAE(sae)
+        self._saes, self._top_k = device_saes, top_k
+        self._update_capture()
+
+    def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
+        self._check_layer(layer)
+        if vector is None:
+            self._hooks[layer].steering = None
+            return
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self._info.hidden_size,) or not np.isfinite(vector).all():
+            raise ConfigError(
+                f"A steering vector must be {self._info.hidden_size} finite numbers, "
+                f"got shape {vector.shape}."
+            )
+        steering = mx.array(vector).astype(self.dtype)
+        mx.eval(steering)
+        self._hooks[layer].steering = steering
+
+    def record_residuals(self, layers: Sequence[int]) -> None:
+        """Also copy these layers' residuals to ``last_residuals`` after each prefill/decode.
+
+        For parity tests and debugging (like forward_reference): it costs a host copy per step.
+        """
+        for layer in layers:
+            self._check_layer(layer)
+        self._recorded = tuple(layers)
+        self._update_capture()
+
+    # --- generation ----------------------------------------------------------------------
+
+    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
+        ids = self._check_ids(token_ids)
+        self._cache = make_prompt_cache(self.model)
+        self._sampling = sampling
+        self._key = mx.random.key(
+            sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        )
+        self._logits = self._next_token = None
+        # All but the last token: fill the cache; their logits are never evaluated (nor computed).
+        steps = []
+        body = ids[:-1]
+        for start in range(0, len(body), self.prefill_step):
+            self.model(mx.array([body[start : start + self.prefill_step]]), cache=self._cache)
+            features = self._features()
+            mx.eval(features, [c.state for c in self._cache])
+            steps.append(self._to_host(features))
+        steps.append(self._run_last(ids[-1:]))
+        self.last_residuals = {
+            layer: np.concatenate([s[1][layer] for s in steps]) for layer in self._recorded
+        }
+        return {
+            layer: LayerTopK(
+                indices=np.concatenate([s[0][layer].indices for s in steps]),
+                activations=np.concatenate([s[0][layer].activations for s in steps]),
+            )
+            for layer in self._saes
+        }
+
+    def decode(self, token_id: int) -> StepFeatures:
+        if self._cache is None:
+            raise RuntimeError("decode() before prefill(): start a sequence with prefill().")
+        features, residuals = self._run_last(self._check_ids([token_id]))
+        self.last_residuals = residuals
+        return features
+
+    def sample(self) -> int:
+        if self._logits is None:
+            raise RuntimeError("sample() before prefill(): there are no logits yet.")
+        token = self._next_token if self._next_token is not None else self._draw()
+        self._next_token = None
+        return int(token.item())
+
+    @property
+    def last_logits(self) -> np.ndarray:
+        """The float32 logits [vocab] that sample() reads (for tests and debugging)."""
+        if self._logits is None:
+            raise RuntimeError("No logits yet: call prefill() first.")
+        return np.array(self._logits)
+
+    def _run_last(self, ids: list[int]) -> tuple[StepFeatures, dict[int, np.ndarray]]:
+        """A forward pass whose last logits are kept and sampled, all in one evaluation."""
+        logits = self.model(mx.array([ids]), cache=self._cache)
+        self._logits = logits[0, -1].astype(mx.float32)
+        self._next_token = self._draw()
+        features = self._features()
+        mx.eval(self._next_token, self._logits, features)
+        return self._to_host(features)
+
+    def _draw(self) -> mx.array:
+        key = None
+        if not self._sampling.greedy:
+            self._key, key = mx.random.split(self._key)
+        return sample_token(self._logits, self._sampling, key)
+
+    # --- SAE features --------------------------------------------------------------------
+
+    def _update_capture(self) -> None:
+        for layer, hook in enumerate(self._hooks):
+            hook.capture = layer in self._saes or layer in self._recorded
+            hook.captured = None
+
+    def _features(self) -> tuple[TopK, dict[int, mx.array]]:
+        """Top-k per hooked layer and recorded residuals of the last forward pass (lazy)."""
+        top = {
+            layer: sae.top_k(self._hooks[layer].captured[0], self._top_k)
+            for layer, sae in self._saes.items()
+        }
+        residuals = {
+            layer: self._hooks[layer].captured[0].astype(mx.float32) for layer in self._recorded
+        }
+        for hook in self._hooks:
+            hook.captured = None
+        return top, residuals
+
+    @staticmethod
+    def _to_host(
+        features: tuple[TopK, dict[int, mx.array]],
+    ) -> tuple[StepFeatures, dict[int, np.ndarray]]:
+        top, residuals = features
+        host = {
+            layer: LayerTopK(
+                indices=np.array(idx).astype(np.int64), activations=np.array(vals, dtype=np.float32)
+            )
+            for layer, (idx, vals) in top.items()
+        }
+        return host, {layer: np.array(r) for layer, r in residuals.items()}
+
+    # --- batch statistics and reference --------------------------------------------------
+
+    def batch_feature_stats(
+        self, batch: Sequence[Sequence[int]], layer: int, top_n: int = 0
+    ) -> BatchStats:
+        if layer not in self._saes:
+            raise ConfigError(f"No SAE is set at layer {layer}; call set_saes first.")
+        if not batch:
+            raise ConfigError("batch_feature_stats needs at least one sequence.")
+        rows = [self._check_ids(seq) for seq in batch]
+        seq_len = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), seq_len), dtype=np.int32)  # right padding; id 0 is never read
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        hook = self._hooks[layer]
+        # No cache: a causal mask already keeps right padding out of every real token's view.
+        # Only the residual at `layer` is evaluated, so later blocks and the logits never run.
+        self.model(mx.array(ids))
+        residual, hook.captured = hook.captured, None
+        self._update_capture()
+        acts = self._saes[layer].encode(residual).reshape(len(rows) * seq_len, -1)
+        pos = mx.arange(seq_len)[None]
+        real = (pos >= 1) & (pos < mx.array([len(r) for r in rows])[:, None])  # no BOS, no padding
+        acts = acts * real.reshape(-1, 1)
+        fired = acts > 0
+        count = fired.sum(axis=0)
+        total = acts.sum(axis=0)
+        mean = total / mx.maximum(count, 1)
+        m2 = mx.where(fired, mx.square(acts - mean), 0.0).sum(axis=0)
+        stats = [count, total, m2, acts.max(axis=0), real.sum()]
+        n = min(top_n, acts.shape[0])
+        if n > 0:
+            tokens, values = top_k(acts.T, n)  # [width, n]
+            stats += [mx.where(values > 0, tokens.astype(mx.int32), -1), mx.maximum(values, 0.0)]
+        mx.eval(stats)
+        top_values = top_tokens = None
+        if n > 0:
+            pad = ((0, 0), (0, top_n - n))
+            top_tokens = np.pad(np.array(stats[5]).astype(np.int64), pad, constant_values=-1)
+            top_values = np.pad(np.array(stats[6], dtype=np.float32), pad)
+        return BatchStats(
+            tokens=int(stats[4].item()),
+            seq_len=seq_len,
+            fire_count=np.array(stats[0]).astype(np.int64),
+            act_sum=np.array(stats[1]).astype(np.float64),
+            act_m2=np.array(stats[2]).astype(np.float64),
+            act_max=np.array(stats[3], dtype=np.float32),
+            top_values=top_values,
+            top_tokens=top_tokens,
+        )
+
+    def forward_reference(
+        self, token_ids: Sequence[int], layers: Sequence[int]
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        ids = self._check_ids(token_ids)
+        for layer in layers:
+            self._check_layer(layer)
+            self._hooks[layer].capture = True
+        try:
+            logits = self.model(mx.array([ids]))[0].astype(mx.float32)
+            residuals = {
+                layer: self._hooks[layer].captured[0].astype(mx.float32) for layer in layers
+            }
+            mx.eval(logits, residuals)
+            return {layer: np.array(r) for layer, r in residuals.items()}, np.array(logits)
+        finally:
+            self._update_capture()
+
+    # --- checks --------------------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self._info.num_layers:
+            raise ConfigError(
+                f"Layer {layer} does not exist: this model has layers 0..{self._info.num_layers - 1}."
+            )
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ConfigError("Give at least one token.")
+        bad = [t for t in ids if not 0 <= t < self._info.vocab_size]
+        if bad:
+            raise ConfigError(
+                f"Token id {bad[0]} is outside this model's vocabulary (0..{self._info.vocab_size - 1}); "
+                "was the prompt tokenized for another model?"
+            )
+        return ids
+
+
+def _model_info(config: dict, num_layers: int) -> ModelInfo:
+    text = {**config, **config.get("text_config", {})}  # multimodal configs nest the text model
+    return ModelInfo(
+        model_type=str(config.get("model_type", "unknown")),
+        num_layers=num_layers,
+        hidden_size=int(text["hidden_size"]),
+        vocab_size=int(text["vocab_size"]),
+        max_position_embeddings=text.get("max_position_embeddings"),
+    )
