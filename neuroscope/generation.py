@@ -32,8 +32,10 @@ class FeatureFilter(Protocol):
     def candidates(self, top_k: int) -> int: ...
 
     def apply(
-        self, layer: int, indices: np.ndarray, activations: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]: ...
+        self, layer: int, indices: np.ndarray, activations: np.ndarray, top_k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]:
+        """At most ``top_k`` kept (indices, activations), their surprise (or None), and how many
+        of the unfiltered top-k were hidden (or None)."""
 
 
 LabelLookup = Callable[[int, int], str]  # (layer, feature index) -> label

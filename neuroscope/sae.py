@@ -177,7 +177,7 @@ def load_saelens_dir(folder: str | Path, sae_id: str | None = None) -> SAE:
 
 def load_local(path: str | Path, sae_id: str | None = None) -> SAE:
     """A local SAE: a ``.npz`` file (Gemma Scope) or a SAELens folder."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()  # the id must not depend on the working directory
     if path.is_dir():
         return load_saelens_dir(path, sae_id)
     if path.suffix == ".npz" or path.is_file():
