@@ -66,12 +66,13 @@ def resolve_model(model: str, load_format: LoadFormat = "auto") -> ResolvedModel
     if load_format == "dummy":
         return ResolvedModel(model, _dummy_folder(model), dummy_weights=True)
     local = Path(model).expanduser()
-    if local.suffix == ".gguf":
-        if not local.is_file():
-            raise ModelLoadError(f"GGUF file {local} does not exist.")
-        from neuroscope.gguf import convert_gguf
+    if local.suffix == ".gguf" and not local.is_file():
+        raise ModelLoadError(f"GGUF file {local} does not exist.")
+    if local.is_file():
+        from neuroscope.gguf import convert_gguf, is_gguf_file
 
-        return ResolvedModel(model, convert_gguf(local))
+        if local.suffix == ".gguf" or is_gguf_file(local):  # Ollama keeps GGUFs as suffix-less blobs
+            return ResolvedModel(model, convert_gguf(local))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(
