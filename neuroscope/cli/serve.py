@@ -1,0 +1,229 @@
+"""``neuroscope serve``: the OpenAI chat API on :8080 and the live feature stream on :8081."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from neuroscope.cli import app
+from neuroscope.cli.corpus import user_errors
+from neuroscope.errors import ConfigError
+from neuroscope.filters import DEFAULT_MODE, DEFAULT_THRESHOLD, MODES
+from neuroscope.loading import DEFAULT_MODEL
+from neuroscope.sae import DEFAULT_SAE_PATH, DEFAULT_SAE_REPO
+
+if TYPE_CHECKING:
+    from neuroscope.engine import EngineInfo
+    from neuroscope.server.run import Listening
+    from neuroscope.session import Session
+
+
+def _say(message: str) -> None:
+    typer.echo(message)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", help="Hub repo id, model folder or .gguf file.")
+    ] = DEFAULT_MODEL,
+    sae: Annotated[
+        str, typer.Option("--sae", help="Hugging Face repo of the SAE.")
+    ] = DEFAULT_SAE_REPO,
+    sae_path: Annotated[
+        str | None,
+        typer.Option(
+            "--sae-path",
+            help=f"Path of the SAE inside --sae ('{{layer}}' is filled in). Default for the default "
+            f"repo at layer 20: {DEFAULT_SAE_PATH}.",
+        ),
+    ] = None,
+    sae_local_path: Annotated[
+        str | None,
+        typer.Option(
+            "--sae-local-path", help="A local params.npz or SAELens folder instead of --sae."
+        ),
+    ] = None,
+    sae_layer: Annotated[
+        list[int],
+        typer.Option(
+            "--sae-layer",
+            help="Decoder block whose output the SAE reads (0-based); repeat for several.",
+        ),
+    ] = [20],  # noqa: B006 - typer reads the default; it is never mutated
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Features reported per token and layer.")
+    ] = 10,
+    port: Annotated[
+        int, typer.Option("--port", help="Port of the OpenAI chat API (0: any free port).")
+    ] = 8080,
+    features_port: Annotated[
+        int, typer.Option("--features-port", help="Port of the feature stream (0: any free port).")
+    ] = 8081,
+    feature_filter: Annotated[
+        str,
+        typer.Option(
+            "--feature-filter",
+            help=f"Noise filter: {', '.join(MODES)}. Needs calibration stats (neuroscope calibrate run).",
+        ),
+    ] = DEFAULT_MODE,
+    filter_threshold: Annotated[
+        float,
+        typer.Option(
+            "--filter-threshold",
+            help="Hide features that fire on more than this fraction of calibration tokens.",
+        ),
+    ] = DEFAULT_THRESHOLD,
+    calibration_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--calibration-path",
+            help="Calibration stats file (repeat per layer). Default: found in the cache.",
+        ),
+    ] = None,
+    labeler: Annotated[
+        str | None,
+        typer.Option(
+            "--labeler", envvar="LABELER_MODEL", help="Model whose feature labels to show."
+        ),
+    ] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, torch or mlx.")] = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="Model dtype (float32, bfloat16, ...). Default: the backend's."
+        ),
+    ] = None,
+    load_format: Annotated[
+        str,
+        typer.Option(
+            "--load-format", help="auto (real weights) or dummy (random weights, real shapes)."
+        ),
+    ] = "auto",
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address both servers bind to; 0.0.0.0 exposes them to the network."
+        ),
+    ] = "127.0.0.1",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="NEUROSCOPE_API_KEY",
+            help="Require 'Authorization: Bearer <key>' on both ports (prefer the env var: argv is visible to ps).",
+        ),  # fmt: skip
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            "--max-model-len", help="Context in tokens (prompt + reply). Default: the model's."
+        ),
+    ] = None,
+) -> None:
+    """Serve the OpenAI chat API and stream, token by token, the SAE features of every request.
+
+    Point any OpenAI client at http://HOST:PORT/v1 and watch
+    `curl -N http://HOST:FEATURES_PORT/v1/features/stream`.
+    """
+    from neuroscope.server.run import ServeConfig
+    from neuroscope.server.run import serve as run_servers
+
+    with user_errors():
+        _check_filter_options(feature_filter, filter_threshold)
+        config = ServeConfig(
+            host=host, port=port, features_port=features_port, api_key=api_key or None,
+            max_model_len=max_model_len,
+        )  # fmt: skip
+        layers = sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
+
+        def load() -> Session:
+            from neuroscope.session import Session
+
+            session = Session(
+                model=model, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path, layer=layers,
+                backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
+            )  # fmt: skip
+            _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])
+            _setup_labels(session, labeler)
+            _check_context(session, max_model_len)
+            return session
+
+        try:
+            run_servers(
+                load, config, on_loading=lambda: _say(f"Loading {model} (backend {backend})…"),
+                on_loaded=_loaded, on_ready=_ready(api_key), on_stopping=_stopping,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            _say("Interrupted.")
+            raise typer.Exit(130) from None
+    _say("Stopped.")
+
+
+def _check_filter_options(mode: str, threshold: float) -> None:
+    """Fail before loading the model, not after."""
+    if mode not in MODES:
+        raise ConfigError(f"--feature-filter must be one of {', '.join(MODES)}, not {mode!r}.")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--filter-threshold is a firing rate between 0 and 1, not {threshold}.")
+
+
+def _setup_filter(session: Session, mode: str, threshold: float, paths: list[Path]) -> None:
+    from neuroscope.filters import SAERef, load_filter
+
+    saes = {layer: SAERef(s.id, s.width) for layer, s in session.saes.items()}
+    feature_filter, message = load_filter(
+        mode, threshold, session.model_name, saes, paths, top_k=session.builder.top_k
+    )
+    if message:
+        _say(message)
+    if feature_filter.mode == "none":
+        return
+    # The filter needs the loaded SAEs' ids, so it is attached after the session is built: the
+    # builder applies it, and the backend is asked for the candidates it re-ranks.
+    session.builder.feature_filter = feature_filter
+    widths = [s.width for s in session.saes.values()]
+    session.backend.set_saes(session.saes, min(session.builder.backend_top_k, *widths))
+    _say(f"Feature filter {feature_filter.mode!r} (threshold {threshold:g}).")
+
+
+def _setup_labels(session: Session, labeler: str | None) -> None:
+    """Until neuroscope.labels exposes a lookup for serve, features are named ``feature_<index>``.
+
+    The seam: set ``session.builder.labels`` to a ``(layer, index) -> label`` callable here.
+    """
+    if labeler:
+        _say(
+            f"Labels from {labeler!r} are not wired into serve yet: features show as feature_<index>."
+        )
+
+
+def _check_context(session: Session, max_model_len: int | None) -> None:
+    limit = session.max_context
+    if max_model_len is not None and limit is not None and max_model_len > limit:
+        raise ConfigError(
+            f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens; "
+            "give a smaller value or leave it out."
+        )
+
+
+def _loaded(info: EngineInfo) -> None:
+    layers = ", ".join(f"{layer} ({info.sae_ids[layer]})" for layer in info.layers)
+    _say(f"Loaded {info.model_name} on {info.device}; SAE at layer {layers}; top-k {info.top_k}.")
+
+
+def _ready(api_key: str | None):  # noqa: ANN202 - a callback
+    def announce(listening: Listening) -> None:
+        _say(f"Chat API (OpenAI):  {listening.chat_url}/v1")
+        _say(f"Feature stream:     {listening.features_url}/v1/features/stream")
+        if api_key:
+            _say("Both ports require 'Authorization: Bearer <your --api-key>'.")
+        _say("Press Ctrl+C to stop.")
+
+    return announce
+
+
+def _stopping() -> None:
+    _say("Shutting down…")

@@ -1,0 +1,442 @@
+"""The engine: one worker thread owns the model and runs requests one at a time, in arrival order.
+
+Servers talk to it from an asyncio loop: ``prepare`` (tokenize and check a prompt, off the loop),
+``submit`` (queue a request, get a ``RequestHandle``), then iterate the handle's events. Every feature
+record and completion also goes to the ``Hub`` for the feature stream. The engine knows no HTTP; the
+servers never touch the model or its tensors.
+
+Why one thread: a backend holds one KV cache and (MLX) thread-bound device streams, so the session is
+built and used on the worker thread only. Cancellation is a flag the generation loop checks after
+every token, so a request whose client went away frees the engine within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from neuroscope.errors import ConfigError, NeuroscopeError
+from neuroscope.generation import Event, TextDelta
+from neuroscope.hub import Hub, LoopBatcher
+from neuroscope.records import GenerationComplete, TokenFeatures
+
+if TYPE_CHECKING:
+    from neuroscope.session import Session
+
+log = logging.getLogger("neuroscope.engine")
+
+DEFAULT_MAX_PENDING = 64  # queued requests beyond the running one; more are refused (busy)
+FALLBACK_MAX_TOKENS = 4096  # when neither the request nor the model bounds a reply
+
+
+class EngineError(NeuroscopeError):
+    """A request the engine cannot take or could not finish; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+
+
+class PromptTooLong(ConfigError):
+    """The prompt alone fills the context."""
+
+
+class EngineBusy(EngineError):
+    status = 429
+
+
+class EngineClosed(EngineError):
+    status = 503
+
+
+class DuplicateRequestId(EngineError, ConfigError):
+    status = 409
+
+
+class RequestFailed(EngineError):
+    """The generation raised; the worker survived and serves the next request."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What servers may know about the loaded model, read once after loading."""
+
+    model_name: str
+    layers: tuple[int, ...]
+    sae_ids: dict[int, str]
+    sae_widths: dict[int, int]
+    top_k: int
+    backend: str
+    device: str
+    max_context: int | None  # tokens, prompt and reply together
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    prompt_ids: list[int]
+    max_tokens: int  # what fits the context (at most what was asked)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Completion:
+    """A finished non-streaming generation."""
+
+    request_id: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class RequestHandle:
+    """One queued or running request, consumed on the loop that submitted it."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, records: bool):
+        self.request = request
+        self.records = records
+        self._stop = threading.Event()
+        self._buffer: deque[Event | _Failure] = deque()
+        self._ready = asyncio.Event()
+        self._batcher: LoopBatcher[Event | _Failure] = LoopBatcher(loop, self._receive)
+        self.tokens_done = 0  # generated tokens whose records are out (written by the worker)
+        self.tokens_done_at_cancel: int | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def cancel(self) -> None:
+        """Thread-safe. A queued request is skipped; a running one stops after its current token."""
+        if not self._stop.is_set():
+            self.tokens_done_at_cancel = self.tokens_done
+            self._stop.set()
+
+    def _put(self, item: Event | _Failure) -> None:  # worker thread
+        self._batcher.put(item)
+
+    def _receive(self, items: list[Event | _Failure]) -> None:  # loop
+        self._buffer.extend(items)
+        self._ready.set()
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Events in order, as many at a time as are ready; ends after ``GenerationComplete``.
+
+        Raises ``RequestFailed`` (or the ``ConfigError`` that ended it) if the generation raised.
+        """
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            items = list(self._buffer)
+            self._buffer.clear()
+            batch: list[Event] = []
+            for item in items:
+                if isinstance(item, _Failure):
+                    if batch:
+                        yield batch
+                    raise item.error
+                batch.append(item)
+                if isinstance(item, GenerationComplete):
+                    yield batch
+                    return
+            if batch:
+                yield batch
+
+    async def events(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def result(self) -> Completion:
+        """Wait for the whole reply (cancel the handle if the caller gives up)."""
+        text: list[str] = []
+        async for event in self.events():
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, GenerationComplete):
+                return Completion(
+                    self.request_id,
+                    "".join(text),
+                    event.finish_reason,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                )
+        raise RequestFailed(f"Request {self.request_id} ended without completing.")
+
+
+def _describe(session: Session) -> EngineInfo:
+    return EngineInfo(
+        model_name=session.model_name,
+        layers=tuple(session.layers),
+        sae_ids={layer: sae.id for layer, sae in session.saes.items()},
+        sae_widths={layer: sae.width for layer, sae in session.saes.items()},
+        top_k=session.builder.top_k,
+        backend=type(session.backend).__name__,
+        device=session.backend.device,
+        max_context=session.max_context,
+    )
+
+
+class Engine:
+    """Owns a ``Session`` on a worker thread; see the module docstring.
+
+    ``load_session`` runs on the worker thread (``start`` waits for it and re-raises its error).
+    ``max_model_len`` caps the context below the model's own.
+    """
+
+    def __init__(
+        self,
+        load_session: Callable[[], Session],
+        hub: Hub | None = None,
+        *,
+        max_model_len: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ):
+        if max_model_len is not None and max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be at least 2 tokens, got {max_model_len}.")
+        self.hub = hub or Hub()
+        self.max_pending = max_pending
+        self._load_session = load_session
+        self._max_model_len = max_model_len
+        self._session: Session | None = None
+        self._info: EngineInfo | None = None
+        self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._active: dict[str, RequestHandle] = {}  # request id -> queued or running handle
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="neuroscope-engine", daemon=True)
+        # Tokenizing a long prompt takes milliseconds: never on the event loop. One thread, because
+        # the tokenizer is shared with the worker and one reader more is all it needs to tolerate.
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="neuroscope-prepare")
+        self._labels_cache: dict[int, dict[str, str]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> EngineInfo:
+        """Start the worker, load the session on it, and wait; re-raise a loading error here."""
+        self._thread.start()
+        if not self._loaded.wait(timeout):
+            raise EngineError(f"The model did not load within {timeout} s.")
+        if self._load_error is not None:
+            raise self._load_error
+        assert self._info is not None
+        return self._info
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise EngineError("The engine has not loaded its model yet; call start() first.")
+        return self._info
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        with self._lock:
+            return len(self._active)
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (shutdown); new ones are refused from now on."""
+        self._closing = True
+        with self._lock:
+            handles = list(self._active.values())
+        for handle in handles:
+            handle.cancel()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything, stop the worker and release the model."""
+        self.cancel_all()
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- requests (call on the event loop) ---------------------------------------------------------
+
+    async def prepare(
+        self, messages: Sequence[dict[str, Any]], max_tokens: int | None
+    ) -> PreparedPrompt:
+        """Apply the chat template and fit ``max_tokens`` to the context (ConfigError if it cannot)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, self._prepare, messages, max_tokens)
+
+    def _prepare(
+        self, messages: Sequence[dict[str, Any]], max_tokens: int | None
+    ) -> PreparedPrompt:
+        session = self._require_session()
+        ids = session.encode(messages)
+        limit = self.context_limit
+        if limit is not None and len(ids) >= limit:
+            raise PromptTooLong(
+                f"The prompt is {len(ids)} tokens; this server's context is {limit} tokens "
+                "(prompt and reply together). Shorten the messages."
+            )
+        if max_tokens is None:
+            max_tokens = limit - len(ids) if limit is not None else FALLBACK_MAX_TOKENS
+        if limit is not None:
+            max_tokens = min(max_tokens, limit - len(ids))
+        return PreparedPrompt(ids, session.check_length(ids, max_tokens))
+
+    @property
+    def context_limit(self) -> int | None:
+        """The context in tokens: the model's, or ``max_model_len`` when that is smaller."""
+        limits = [n for n in (self.info.max_context, self._max_model_len) if n is not None]
+        return min(limits) if limits else None
+
+    def submit(self, request: GenerationRequest, *, records: bool = False) -> RequestHandle:
+        """Queue a request; its events arrive on the calling loop. ``records`` also delivers its
+        feature records to the handle (they always go to the hub)."""
+        loop = asyncio.get_running_loop()
+        if self._closing:
+            raise EngineClosed("The server is shutting down; send the request elsewhere or later.")
+        handle = RequestHandle(request, loop, records)
+        with self._lock:
+            if request.request_id in self._active:
+                raise DuplicateRequestId(
+                    f"Request id {request.request_id!r} is already queued or running; use a new one."
+                )
+            if len(self._active) > self.max_pending:
+                raise EngineBusy(
+                    f"The server is busy: {len(self._active)} requests are queued or running. "
+                    "Retry shortly."
+                )
+            self._active[request.request_id] = handle
+        self._jobs.put(handle)
+        return handle
+
+    async def labels(self, layer: int) -> dict[str, str]:
+        """Every feature's label at ``layer`` ({"index": label}), computed once, off the loop."""
+        if layer not in self._labels_cache:
+            loop = asyncio.get_running_loop()
+            self._labels_cache[layer] = await loop.run_in_executor(
+                self._prepare_pool, self._all_labels, layer
+            )
+        return self._labels_cache[layer]
+
+    def _all_labels(self, layer: int) -> dict[str, str]:
+        label = self._require_session().builder.labels
+        return {str(i): label(layer, i) for i in range(self.info.sae_widths[layer])}
+
+    def _require_session(self) -> Session:
+        if self._session is None:
+            raise EngineClosed("The model is not loaded (the engine is starting or has stopped).")
+        return self._session
+
+    # -- the worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            session = self._load_session()
+            self._session = session
+            self._info = _describe(session)
+        except BaseException as e:  # noqa: BLE001 - handed to start(), which re-raises it
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            while True:
+                handle = self._jobs.get()
+                if handle is None:
+                    break
+                try:
+                    self._run_one(session, handle)
+                finally:
+                    self._release(handle)
+        finally:
+            self._session = None
+            session.close()
+
+    def _run_one(self, session: Session, handle: RequestHandle) -> None:
+        req = handle.request
+        first_layer = session.layers[0]
+        if handle.cancelled:
+            self._finish(
+                handle, GenerationComplete(req.request_id, "cancelled", len(req.prompt_ids), 0)
+            )
+            return
+        try:
+            events = session.events(
+                req.prompt_ids, request_id=req.request_id, max_tokens=req.max_tokens,
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                stop=list(req.stop), should_stop=handle._stop.is_set,
+            )  # fmt: skip
+            for event in events:
+                if isinstance(event, TextDelta):
+                    handle._put(event)
+                    continue
+                self.hub.publish(event)
+                if isinstance(event, TokenFeatures):
+                    if event.phase == "generation" and event.layer == first_layer:
+                        handle.tokens_done += 1
+                    if handle.records:
+                        handle._put(event)
+                else:
+                    self._release(handle)  # its id is free before its client hears it is done
+                    handle._put(event)
+        except Exception as e:
+            if not isinstance(e, ConfigError):
+                log.exception("Request %s failed", req.request_id)
+                e = RequestFailed(f"The generation failed: {type(e).__name__}: {e}")
+            done = GenerationComplete(
+                req.request_id, "error", len(req.prompt_ids), handle.tokens_done
+            )
+            self.hub.publish(done)
+            self._release(handle)
+            handle._put(_Failure(e))
+
+    def _finish(self, handle: RequestHandle, done: GenerationComplete) -> None:
+        self.hub.publish(done)
+        self._release(handle)
+        handle._put(done)
+
+    def _release(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if self._active.get(handle.request_id) is handle:
+                del self._active[handle.request_id]
+
+
+__all__ = [
+    "Completion",
+    "DuplicateRequestId",
+    "Engine",
+    "EngineBusy",
+    "EngineClosed",
+    "EngineError",
+    "EngineInfo",
+    "GenerationRequest",
+    "PreparedPrompt",
+    "PromptTooLong",
+    "RequestFailed",
+    "RequestHandle",
+]

@@ -1,0 +1,240 @@
+"""The OpenAI-compatible chat API (:8080): ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``.
+
+The completion ``id`` is the ``request_id`` of the request's feature records (also sent back in the
+``X-Request-Id`` header), so a client can pick its own tokens out of the feature stream. A client
+may choose the id by sending ``X-Request-Id`` (the id becomes ``chatcmpl-<its value>``) and
+subscribe to ``/v1/features/stream?request_id=...`` before it sends the chat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
+
+from neuroscope.engine import Completion, Engine, EngineClosed, GenerationRequest, RequestHandle
+from neuroscope.errors import ConfigError
+from neuroscope.generation import TextDelta
+from neuroscope.records import GenerationComplete
+from neuroscope.server.auth import with_auth
+from neuroscope.server.errors import (
+    EXCEPTION_HANDLERS,
+    SERVER_ERROR,
+    APIError,
+    error_body,
+    from_exception,
+)
+from neuroscope.server.schema import ChatRequest, parse_chat_request, request_id_from_header
+from neuroscope.session import new_request_id
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SHUTTING_DOWN = "The server is shutting down; the reply was cut short."
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {_json(obj)}\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class ChatAPI:
+    """The route handlers, bound to one engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.created = int(time.time())
+
+    @property
+    def model(self) -> str:
+        return self.engine.info.model_name
+
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "neuroscope",
+        }
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model_info(self, model_id: str) -> dict[str, Any]:
+        # Slashes at the ends do not survive URL paths (a model folder /x/y arrives as x/y).
+        model_id = model_id.strip("/")
+        if model_id != self.model.strip("/"):
+            raise APIError(
+                404,
+                f"The model {model_id!r} does not exist on this server; it serves {self.model!r}.",
+                param="model",
+                code="model_not_found",
+            )
+        return self._model_card()
+
+    async def health(self) -> Response[dict[str, Any]]:
+        if self.engine.closing:
+            return Response({"status": "shutting_down"}, status_code=503)
+        info = self.engine.info
+        return Response(
+            {
+                "status": "ready",
+                "model": info.model_name,
+                "layers": list(info.layers),
+                "pending": self.engine.pending,
+            }
+        )
+
+    async def chat_completions(self, request: Request) -> Response[Any] | Stream:
+        chat = parse_chat_request(await request.body(), self.model)
+        request_id = request_id_from_header(request.headers.get("x-request-id"), new_request_id())
+        try:
+            prepared = await self.engine.prepare(chat.messages, chat.max_tokens)
+        except ConfigError as e:  # the chat template refused the messages, or they do not fit
+            raise from_exception(e, param="messages") from None
+        handle = self.engine.submit(
+            GenerationRequest(
+                request_id=request_id, prompt_ids=prepared.prompt_ids, max_tokens=prepared.max_tokens,
+                temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k, seed=chat.seed,
+                stop=chat.stop,
+            )
+        )  # fmt: skip
+        headers = {"X-Request-Id": request_id}
+        created = int(time.time())
+        if chat.stream:
+            chunks = self._stream(handle, chat, created)
+            # A client gone before the stream started never runs its ``finally``: cancel on collection.
+            weakref.finalize(chunks, handle.cancel)
+            return Stream(chunks, media_type="text/event-stream", headers=headers | SSE_HEADERS)
+        completion = await _result_unless_disconnected(handle, request)
+        if completion is None:  # the client left; nobody reads this
+            return Response(error_body("Client disconnected."), status_code=499)
+        if completion.finish_reason not in ("stop", "length"):
+            raise EngineClosed(SHUTTING_DOWN)
+        return Response(self._completion_body(completion, created), headers=headers)
+
+    def _completion_body(self, done: Completion, created: int) -> dict[str, Any]:
+        return {
+            "id": done.request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "logprobs": None,
+                    "finish_reason": done.finish_reason,
+                }
+            ],
+            "usage": _usage(done.prompt_tokens, done.completion_tokens),
+        }
+
+    async def _stream(
+        self, handle: RequestHandle, chat: ChatRequest, created: int
+    ) -> AsyncIterator[str]:
+        """Role chunk, content chunks, finish chunk, usage chunk (if asked), ``[DONE]``.
+
+        If the client disconnects, Litestar cancels this generator; ``finally`` cancels the
+        generation, which stops within one token.
+        """
+        base = {
+            "id": handle.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.model,
+        }
+        usage_field = {"usage": None} if chat.include_usage else {}
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse(base | {"choices": [choice]} | usage_field)
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for batch in handle.batches():
+                out = []
+                for event in batch:
+                    if isinstance(event, TextDelta):
+                        out.append(chunk({"content": event.text}))
+                    elif isinstance(event, GenerationComplete):
+                        if event.finish_reason in ("stop", "length"):
+                            out.append(chunk({}, event.finish_reason))
+                            if chat.include_usage:
+                                usage = _usage(event.prompt_tokens, event.completion_tokens)
+                                out.append(_sse(base | {"choices": [], "usage": usage}))
+                        else:
+                            out.append(
+                                _sse(error_body(SHUTTING_DOWN, SERVER_ERROR, code="shutting_down"))
+                            )
+                        out.append("data: [DONE]\n\n")
+                if out:
+                    yield "".join(out)
+        except Exception as e:  # the generation failed after the response started: say so in-band
+            yield _sse(from_exception(e).body()) + "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result_unless_disconnected(handle: RequestHandle, request: Request) -> Completion | None:
+    """The completion, or None if the client disconnects first (then the generation is cancelled)."""
+    result = asyncio.ensure_future(handle.result())
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            handle.cancel()
+            result.cancel()
+    return result.result() if result.done() and not result.cancelled() else None
+
+
+def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
+    """The ASGI app for :8080 (wrapped in the API-key check when ``api_key`` is set)."""
+    api = ChatAPI(engine)
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request) -> Response:
+        return await api.chat_completions(request)
+
+    @get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return await api.models()
+
+    @get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        return await api.model_info(model_id)
+
+    @get("/health")
+    async def health() -> Response:
+        return await api.health()
+
+    app = Litestar(
+        route_handlers=[chat_completions, models, model_info, health],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=None,
+        logging_config=None,  # leave the host application's logging alone
+    )
+    return with_auth(app, api_key)

@@ -1,0 +1,201 @@
+"""The feature stream (:8081): ``GET /v1/features/stream`` (SSE), ``GET /v1/features/labels``,
+``GET /health`` and ``GET /`` (a minimal live page until the visualiser lands).
+
+SSE events:
+
+- ``feature_activation``: one feature record (DESIGN.md, "Feature record");
+- ``generation_complete``: ``{"request_id", "finish_reason", "prompt_tokens", "completion_tokens"}``;
+- ``dropped``: ``{"dropped": n}``: this subscriber fell behind and lost its ``n`` oldest events.
+
+A comment line (``: keep-alive``) is sent whenever the stream has been idle for the keep-alive
+interval, so proxies and clients do not time the connection out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.response import Stream
+
+from neuroscope.engine import Engine
+from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
+from neuroscope.records import TokenFeatures
+from neuroscope.server.auth import with_auth
+from neuroscope.server.errors import EXCEPTION_HANDLERS, APIError
+
+DEFAULT_KEEPALIVE_S = 15.0
+DEFAULT_COALESCE_S = 0.02
+PHASES = ("prompt", "generation", "all")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event_filter(
+    request_id: str | None, phase: str, layer: int | None
+) -> Callable[[HubEvent], bool]:
+    """Which hub events a subscriber wants; completions pass the phase and layer filters."""
+
+    def accept(event: HubEvent) -> bool:
+        if request_id is not None and event.request_id != request_id:
+            return False
+        if isinstance(event, TokenFeatures):
+            if phase != "all" and event.phase != phase:
+                return False
+            if layer is not None and event.layer != layer:
+                return False
+        return True
+
+    return accept
+
+
+def format_sse(item: Published | Dropped) -> str:
+    if isinstance(item, Dropped):
+        return f'event: dropped\ndata: {{"dropped":{item.count}}}\n\n'
+    return f"event: {item.name}\ndata: {item.data}\n\n"
+
+
+async def sse_stream(
+    sub: Subscription, keepalive_s: float, coalesce_s: float = DEFAULT_COALESCE_S
+) -> AsyncIterator[str]:
+    """The subscriber's events as SSE text; ends when the hub closes or the client leaves.
+
+    After the first event of a burst, waits ``coalesce_s`` for more and writes them together: a
+    fast model makes hundreds of records a second, and one socket write per subscriber per token
+    would take event-loop (and GIL) time from generation. 20 ms is below what a viewer notices.
+    """
+    try:
+        yield ": subscribed\n\n"
+        while True:
+            items = await sub.get(timeout=keepalive_s)
+            if items is None:
+                return
+            if not items:
+                yield ": keep-alive\n\n"
+                continue
+            if coalesce_s > 0:
+                await asyncio.sleep(coalesce_s)
+                items.extend(await sub.get(timeout=0) or [])
+            yield "".join(map(format_sse, items))
+    finally:
+        sub.close()
+
+
+def _layer_param(request: Request, engine: Engine) -> int | None:
+    raw = request.query_params.get("layer")
+    if raw is None or raw == "":
+        return None
+    layers = engine.info.layers
+    try:
+        layer = int(raw)
+    except ValueError:
+        layer = None
+    if layer not in layers:
+        raise APIError(
+            400,
+            f"layer={raw} is not a hooked layer; this server hooks layer {', '.join(map(str, layers))}.",
+            param="layer",
+        )
+    return layer
+
+
+def create_features_app(
+    engine: Engine,
+    hub: Hub,
+    *,
+    api_key: str | None = None,
+    keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    subscriber_queue: int | None = None,
+) -> Any:
+    """The ASGI app for :8081 (wrapped in the API-key check when ``api_key`` is set)."""
+
+    @get("/v1/features/stream")
+    async def stream(request: Request) -> Stream:
+        request_id = request.query_params.get("request_id") or None
+        phase = request.query_params.get("phase") or "generation"
+        if phase not in PHASES:
+            raise APIError(
+                400, f"phase must be one of {', '.join(PHASES)}, got {phase!r}.", param="phase"
+            )
+        layer = _layer_param(request, engine)
+        # Subscribe before the response starts: once a client has the headers, it misses nothing.
+        sub = hub.subscribe(event_filter(request_id, phase, layer), subscriber_queue)
+        return Stream(
+            sse_stream(sub, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+    @get("/v1/features/labels")
+    async def labels(request: Request) -> dict[str, str]:
+        layers = engine.info.layers
+        layer = _layer_param(request, engine)
+        if layer is None:
+            if len(layers) > 1:
+                raise APIError(
+                    400,
+                    f"Several layers are hooked ({', '.join(map(str, layers))}); pass ?layer=.",
+                    param="layer",
+                )
+            layer = layers[0]
+        return await engine.labels(layer)
+
+    @get("/health")
+    async def health() -> Response:
+        if engine.closing:
+            return Response({"status": "shutting_down"}, status_code=503)
+        return Response({"status": "ready", "subscribers": hub.subscriber_count})
+
+    @get("/", media_type="text/html")
+    async def page() -> str:
+        info = engine.info
+        return PAGE.replace("{{model}}", _html(info.model_name)).replace(
+            "{{sae}}", _html(", ".join(f"layer {k}: {v}" for k, v in info.sae_ids.items()))
+        )
+
+    app = Litestar(
+        route_handlers=[stream, labels, health, page],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=None,
+        logging_config=None,  # leave the host application's logging alone
+    )
+    return with_auth(app, api_key)
+
+
+def _html(text: str) -> str:
+    return html.escape(text)
+
+
+# A placeholder until the visualiser is built: it shows each generated token and its top features.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Neuroscope</title>
+<style>
+body{font:14px/1.5 system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}
+code{background:#f3f3f3;padding:0 .25rem}
+#tokens span{display:inline-block;margin:2px;padding:2px 4px;border-radius:3px;background:#eef;
+white-space:pre;cursor:default}
+#tokens span.new-request{margin-left:1rem;border-left:3px solid #88c}
+</style></head><body>
+<h1>Neuroscope</h1>
+<p>Model <code>{{model}}</code> &middot; SAE <code>{{sae}}</code></p>
+<p>Send a chat to the OpenAI API on the chat port; its generated tokens appear here.
+Hover a token for its top features. (Needs no API key; with <code>--api-key</code> use curl.)</p>
+<div id="status">connecting&hellip;</div><div id="tokens"></div>
+<script>
+const out = document.getElementById("tokens"), status = document.getElementById("status");
+const source = new EventSource("/v1/features/stream");
+let last = null;
+source.onopen = () => { status.textContent = "listening"; };
+source.onerror = () => { status.textContent = "disconnected (retrying)"; };
+source.addEventListener("feature_activation", (e) => {
+  const r = JSON.parse(e.data), span = document.createElement("span");
+  span.textContent = r.token;
+  span.title = r.top_features.map(f => `${f.label}  ${f.activation.toFixed(2)}`).join("\\n");
+  if (r.request_id !== last) { span.className = "new-request"; last = r.request_id; }
+  out.appendChild(span);
+});
+source.addEventListener("dropped", (e) => {
+  status.textContent = `fell behind: ${JSON.parse(e.data).dropped} events dropped`;
+});
+</script></body></html>
+"""
