@@ -344,8 +344,11 @@ class Engine:
         return self._labels_cache[layer]
 
     def _all_labels(self, layer: int) -> dict[str, str]:
-        label = self._require_session().builder.labels
-        return {str(i): label(layer, i) for i in range(self.info.sae_widths[layer])}
+        labels = self._require_session().builder.labels
+        return {
+            str(i): text
+            for i, text in labels.labels_for(layer, self.info.sae_widths[layer]).items()
+        }
 
     def _require_session(self) -> Session:
         if self._session is None:

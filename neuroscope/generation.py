@@ -8,7 +8,7 @@ emitted once token p+1 is known, so that it can name ``next_token``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -38,11 +38,30 @@ class FeatureFilter(Protocol):
         of the unfiltered top-k were hidden (or None)."""
 
 
+class Labels(Protocol):
+    """Where feature labels come from: one at a time on the token path, or a whole layer at once."""
+
+    def __call__(self, layer: int, index: int) -> str: ...
+
+    def labels_for(self, layer: int, width: int | None = None) -> dict[int, str]:
+        """Every feature's label when ``width`` is given (a fallback where none is known)."""
+        ...
+
+
 LabelLookup = Callable[[int, int], str]  # (layer, feature index) -> label
 
 
-def default_label(layer: int, index: int) -> str:
-    return f"feature_{index}"
+class FunctionLabels:
+    """Labels from a plain ``(layer, index) -> label`` function (default: ``feature_<index>``)."""
+
+    def __init__(self, lookup: LabelLookup | None = None):
+        self._lookup = lookup or (lambda layer, index: f"feature_{index}")
+
+    def __call__(self, layer: int, index: int) -> str:
+        return self._lookup(layer, index)
+
+    def labels_for(self, layer: int, width: int | None = None) -> dict[int, str]:
+        return {i: self._lookup(layer, i) for i in range(width or 0)}
 
 
 @dataclass
@@ -51,7 +70,7 @@ class RecordBuilder:
 
     sae_ids: Mapping[int, str]  # layer -> SAE id
     top_k: int
-    labels: LabelLookup = default_label
+    labels: Labels = field(default_factory=FunctionLabels)
     feature_filter: FeatureFilter | None = None
 
     @property

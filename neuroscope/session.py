@@ -20,10 +20,11 @@ from neuroscope.errors import ConfigError
 from neuroscope.generation import (
     Event,
     FeatureFilter,
+    FunctionLabels,
     LabelLookup,
+    Labels,
     RecordBuilder,
     TextDelta,
-    default_label,
     generate,
     prompt_records,
 )
@@ -135,7 +136,7 @@ class Session:
         dtype: str | None = None,
         load_format: LoadFormat = "auto",
         input_norm: InputNorm = "none",
-        labels: LabelLookup | None = None,
+        labels: Labels | LabelLookup | None = None,
         feature_filter: FeatureFilter | None = None,
         report_bos: bool = False,
     ):
@@ -164,15 +165,9 @@ class Session:
         )  # fmt: skip
         for s in self.saes.values():
             s.check_model(info.hidden_size, model)
-        self.builder = RecordBuilder(
-            sae_ids={L: s.id for L, s in self.saes.items()},
-            top_k=top_k,
-            labels=labels or default_label,
-            feature_filter=feature_filter,
-        )
-        self.backend.set_saes(
-            self.saes, min(self.builder.backend_top_k, *(s.width for s in self.saes.values()))
-        )
+        self.builder = RecordBuilder(sae_ids={L: s.id for L, s in self.saes.items()}, top_k=top_k)
+        self.set_labels(labels)
+        self.set_feature_filter(feature_filter)
         self.report_bos = report_bos
 
     @property
@@ -264,6 +259,22 @@ class Session:
                 self.report_bos,
             )
         )
+
+    def set_labels(self, labels: Labels | LabelLookup | None) -> None:
+        """Where feature labels come from: a ``neuroscope.labels.LabelResolver``, any
+        ``(layer, index) -> str`` function, or None for ``feature_<index>``."""
+        if labels is None or not hasattr(labels, "labels_for"):
+            labels = FunctionLabels(labels)
+        self.builder.labels = labels  # type: ignore[assignment]
+
+    def set_feature_filter(self, feature_filter: FeatureFilter | None) -> None:
+        """Filter and re-rank each position's features (see ``neuroscope.filters``); None: off.
+
+        The backend is then asked for as many candidates as the filter needs.
+        """
+        self.builder.feature_filter = feature_filter
+        narrowest = min(s.width for s in self.saes.values())
+        self.backend.set_saes(self.saes, min(self.builder.backend_top_k, narrowest))
 
     def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
         """Add ``vector`` to the residual stream after block ``layer`` on every later forward pass."""

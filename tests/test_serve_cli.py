@@ -99,7 +99,7 @@ def test_serve_reports_options_caps_the_context_and_stops_on_sigint(
     try:
         chat, features = server.urls()
         server.wait_for(r"No calibration stats .* feature filter 'combined' is off")
-        server.wait_for(r"Labels from 'some/model' are not wired into serve yet")
+        server.wait_for(r"Labels for layer 2: 0 of 128 features")
         server.wait_for(r"Loaded .* SAE at layer 2 .* top-k 3")
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", chat) and chat != features
 

@@ -89,6 +89,14 @@ def serve(
             "--labeler", envvar="LABELER_MODEL", help="Model whose feature labels to show."
         ),
     ] = None,
+    neuronpedia_live: Annotated[
+        bool | None,
+        typer.Option(
+            "--neuronpedia-live/--offline",
+            help="Fetch labels missing from the cache from Neuronpedia in the background "
+            "(env NEUROSCOPE_NEURONPEDIA_LIVE). Default: offline.",
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto, torch or mlx.")] = "auto",
     dtype: Annotated[
         str | None,
@@ -147,7 +155,7 @@ def serve(
                 backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
             )  # fmt: skip
             _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])
-            _setup_labels(session, labeler)
+            _setup_labels(session, labeler, neuronpedia_live)
             _check_context(session, max_model_len)
             return session
 
@@ -181,22 +189,30 @@ def _setup_filter(session: Session, mode: str, threshold: float, paths: list[Pat
         _say(message)
     if feature_filter.mode == "none":
         return
-    # The filter needs the loaded SAEs' ids, so it is attached after the session is built: the
-    # builder applies it, and the backend is asked for the candidates it re-ranks.
-    session.builder.feature_filter = feature_filter
-    widths = [s.width for s in session.saes.values()]
-    session.backend.set_saes(session.saes, min(session.builder.backend_top_k, *widths))
+    # The filter needs the loaded SAEs' ids, so it is attached after the session is built.
+    session.set_feature_filter(feature_filter)
     _say(f"Feature filter {feature_filter.mode!r} (threshold {threshold:g}).")
 
 
-def _setup_labels(session: Session, labeler: str | None) -> None:
-    """Until neuroscope.labels exposes a lookup for serve, features are named ``feature_<index>``.
+def _setup_labels(session: Session, labeler: str | None, neuronpedia_live: bool | None) -> None:
+    """Labels by priority: auto-interp (this labeler) > cached Neuronpedia > live Neuronpedia
+    (only when allowed) > ``feature_<index>`` (see docs/labels.md)."""
+    from neuroscope.labels.sources import LabelResolver, network_allowed_by_env
 
-    The seam: set ``session.builder.labels`` to a ``(layer, index) -> label`` callable here.
-    """
-    if labeler:
+    live = network_allowed_by_env() if neuronpedia_live is None else neuronpedia_live
+    resolver = LabelResolver(
+        session.model_name,
+        {layer: sae.id for layer, sae in session.saes.items()},
+        labeler=labeler,
+        allow_network=live,
+    )
+    session.set_labels(resolver)
+    for layer, sae in session.saes.items():
+        known = len(resolver.labels_for(layer))
         _say(
-            f"Labels from {labeler!r} are not wired into serve yet: features show as feature_<index>."
+            f"Labels for layer {layer}: {known:,} of {sae.width:,} features"
+            + (" (Neuronpedia live on)" if live else "")
+            + "."
         )
 
 

@@ -1,0 +1,53 @@
+"""Labels reach the feature stream: auto-interp labels in the cache show up on records and in
+``/v1/features/labels``; features without one fall back to ``feature_<index>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TINY_LAYER, requires_torch
+from serve_support import FeatureStream, start_server
+
+from neuroscope.labels import store
+from neuroscope.labels.sources import LabelResolver
+
+pytestmark = [pytest.mark.torch, requires_torch]
+LABELER = "test/labeler"
+
+
+def expected(index: int) -> str:
+    return f"concept {index}" if index % 2 == 0 else f"feature_{index}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tiny_sae):
+    sae_id = str(Path(tiny_sae["npz"]).resolve())
+    folder = store.autointerp_dir(LABELER, str(tiny_model), sae_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    store.write_meta(folder, labeler=LABELER, model=str(tiny_model), sae=sae_id)
+    with store.Journal(folder / store.LABELS_FILE) as journal:
+        journal.extend({"index": i, "label": f"concept {i}"} for i in range(0, 128, 2))
+    resolver = LabelResolver(str(tiny_model), {TINY_LAYER: sae_id}, labeler=LABELER)
+    server = start_server(tiny_model, tiny_sae["npz"], session={"labels": resolver})
+    yield server
+    server.stop()
+
+
+def test_labels_endpoint_lists_every_feature(server):
+    labels = httpx.get(server.listening.features_url + "/v1/features/labels", timeout=30).json()
+    assert len(labels) == 128
+    assert all(labels[str(i)] == expected(i) for i in range(128))
+
+
+def test_records_carry_the_cached_labels(server):
+    body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, "temperature": 0}
+    with FeatureStream(server.listening.features_url) as stream:
+        reply = httpx.post(
+            server.listening.chat_url + "/v1/chat/completions", json=body, timeout=60
+        ).json()
+        stream.completion(reply["id"])
+    features = [f for r in stream.records(reply["id"]) for f in r["top_features"]]
+    assert features and all(f["label"] == expected(f["index"]) for f in features)
+    assert any(f["index"] % 2 == 0 for f in features), "some shown feature has a cached label"
