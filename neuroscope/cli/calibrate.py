@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from neuroscope import calibration
-from neuroscope.cli import app
-from neuroscope.cli.corpus import user_errors
+from neuroscope.cli import app, options
+from neuroscope.cli.options import say, user_errors
 from neuroscope.loading import DEFAULT_MODEL
 from neuroscope.sae import DEFAULT_SAE_REPO
 
@@ -21,38 +21,14 @@ calibrate_app = typer.Typer(
 app.add_typer(calibrate_app, name="calibrate")
 
 
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
-
-
 @calibrate_app.command("run")
 def run(
-    model: Annotated[
-        str, typer.Option("--model", help="Hub repo id, model folder or .gguf file.")
-    ] = DEFAULT_MODEL,
-    sae: Annotated[
-        str, typer.Option("--sae", help="Hugging Face repo of the SAE.")
-    ] = DEFAULT_SAE_REPO,
-    sae_path: Annotated[
-        str | None,
-        typer.Option("--sae-path", help="Path of the SAE inside --sae ('{layer}' is filled in)."),
-    ] = None,
-    sae_local_path: Annotated[
-        str | None,
-        typer.Option(
-            "--sae-local-path", help="A local params.npz or SAELens folder instead of --sae."
-        ),
-    ] = None,
-    sae_layer: Annotated[
-        int, typer.Option("--sae-layer", help="Decoder block whose output the SAE reads.")
-    ] = 20,
-    corpus_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--corpus-path",
-            help="Corpus folder or local text files. Default: the cache's wikitext corpus (built if missing).",
-        ),
-    ] = None,
+    model: options.Model = DEFAULT_MODEL,
+    sae: options.Sae = DEFAULT_SAE_REPO,
+    sae_path: options.SaePath = None,
+    sae_local_path: options.SaeLocalPath = None,
+    sae_layer: options.SaeLayer = 20,
+    corpus_path: options.CorpusPath = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Samples to measure.")
     ] = calibration.DEFAULT_SAMPLES,
@@ -62,13 +38,8 @@ def run(
             "--output", help="Stats file to write. Default: the cache, where serve finds it."
         ),
     ] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto, torch or mlx.")] = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype", help="Model dtype (float32, bfloat16, ...). Default: the backend's."
-        ),
-    ] = None,
+    backend: options.Backend = "auto",
+    dtype: options.DType = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Sequences per forward pass.")
     ] = calibration.DEFAULT_BATCH_SIZE,
@@ -78,13 +49,7 @@ def run(
     checkpoint_every: Annotated[
         float, typer.Option("--checkpoint-every", help="Seconds between checkpoints.")
     ] = calibration.DEFAULT_CHECKPOINT_SECONDS,
-    load_format: Annotated[
-        str,
-        typer.Option(
-            "--load-format",
-            help="auto, or dummy: random weights at the model's real shapes (and a random SAE), to time a run.",
-        ),
-    ] = "auto",
+    load_format: options.LoadFormat = "auto",
     restart: Annotated[
         bool,
         typer.Option(
@@ -113,7 +78,7 @@ def run(
             checkpoint_every=checkpoint_every,
             resume=not restart,
             load_format=load_format,
-            log=_say,
+            log=say,
         )
         typer.echo(f"Wrote {stats.path}")
         _print_summary(stats)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +9,7 @@ import typer
 
 from neuroscope import corpus as corpora
 from neuroscope.cli import app
-from neuroscope.errors import NeuroscopeError
+from neuroscope.cli.options import user_errors
 
 corpus_app = typer.Typer(
     name="corpus",
@@ -19,16 +17,6 @@ corpus_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(corpus_app, name="corpus")
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Print Neuroscope's own errors as one line (they say what to do) instead of a traceback."""
-    try:
-        yield
-    except NeuroscopeError as e:
-        typer.secho(f"Error: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
 
 
 def print_summary(corpus: corpora.Corpus) -> None:

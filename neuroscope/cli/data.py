@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from neuroscope.cli import app
-from neuroscope.cli.labels import user_errors
+from neuroscope.cli.options import user_errors
 from neuroscope.sae import DEFAULT_SAE_PATH, DEFAULT_SAE_REPO
 
 Repo = Annotated[

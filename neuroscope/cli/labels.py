@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -12,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from neuroscope.cli import app
-from neuroscope.errors import ConfigError, NeuroscopeError
+from neuroscope.cli.options import Model, Sae, SaeLayer, SaeLocalPath, SaePath, user_errors
+from neuroscope.errors import ConfigError
 from neuroscope.loading import DEFAULT_MODEL
 from neuroscope.sae import DEFAULT_SAE_REPO
 
@@ -27,30 +26,6 @@ app.add_typer(labels_app, name="labels")
 
 # ---- shared options ----------------------------------------------------------------------------------
 
-Model = Annotated[
-    str, typer.Option("--model", help="Model (Hub id or local folder) the SAE is hooked into.")
-]
-Sae = Annotated[str, typer.Option("--sae", help="Hub repo of the SAE.")]
-SaePath = Annotated[
-    str | None,
-    typer.Option(
-        "--sae-path",
-        help="Path of the SAE inside --sae (may contain {layer}); default for layer 20 of the default repo.",
-    ),
-]
-SaeLocalPath = Annotated[
-    str | None,
-    typer.Option(
-        "--sae-local-path",
-        help="A local SAE instead: a Gemma Scope params.npz or a SAELens folder.",
-    ),
-]
-SaeLayer = Annotated[
-    int,
-    typer.Option(
-        "--sae-layer", "--layer", help="Layer the SAE is hooked at (output of decoder block L)."
-    ),
-]
 Labeler = Annotated[
     str | None,
     typer.Option(
@@ -74,22 +49,6 @@ Threshold = Annotated[
         "--threshold", min=0.0, max=1.0, help="Flag labels whose detection score is below this."
     ),
 ]
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Errors a user can act on print as one message, no traceback; Ctrl-C says what was kept."""
-    try:
-        yield
-    except NeuroscopeError as e:
-        typer.secho(f"Error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.secho(
-            "Interrupted. Everything finished so far is saved; run the same command to go on.",
-            err=True,
-        )
-        raise typer.Exit(130) from None
 
 
 def sae_id_from_options(

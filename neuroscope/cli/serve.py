@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from neuroscope.cli import app
-from neuroscope.cli.corpus import user_errors
+from neuroscope.cli import app, options
+from neuroscope.cli.options import say, user_errors
 from neuroscope.errors import ConfigError
 from neuroscope.filters import DEFAULT_MODE, DEFAULT_THRESHOLD, MODES
 from neuroscope.loading import DEFAULT_MODEL
-from neuroscope.sae import DEFAULT_SAE_PATH, DEFAULT_SAE_REPO
+from neuroscope.sae import DEFAULT_SAE_REPO
 
 if TYPE_CHECKING:
     from neuroscope.engine import EngineInfo
@@ -20,32 +20,12 @@ if TYPE_CHECKING:
     from neuroscope.session import Session
 
 
-def _say(message: str) -> None:
-    typer.echo(message)
-
-
 @app.command()
 def serve(
-    model: Annotated[
-        str, typer.Option("--model", help="Hub repo id, model folder or .gguf file.")
-    ] = DEFAULT_MODEL,
-    sae: Annotated[
-        str, typer.Option("--sae", help="Hugging Face repo of the SAE.")
-    ] = DEFAULT_SAE_REPO,
-    sae_path: Annotated[
-        str | None,
-        typer.Option(
-            "--sae-path",
-            help=f"Path of the SAE inside --sae ('{{layer}}' is filled in). Default for the default "
-            f"repo at layer 20: {DEFAULT_SAE_PATH}.",
-        ),
-    ] = None,
-    sae_local_path: Annotated[
-        str | None,
-        typer.Option(
-            "--sae-local-path", help="A local params.npz or SAELens folder instead of --sae."
-        ),
-    ] = None,
+    model: options.Model = DEFAULT_MODEL,
+    sae: options.Sae = DEFAULT_SAE_REPO,
+    sae_path: options.SaePath = None,
+    sae_local_path: options.SaeLocalPath = None,
     sae_layer: Annotated[
         list[int],
         typer.Option(
@@ -97,19 +77,9 @@ def serve(
             "(env NEUROSCOPE_NEURONPEDIA_LIVE). Default: offline.",
         ),
     ] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto, torch or mlx.")] = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype", help="Model dtype (float32, bfloat16, ...). Default: the backend's."
-        ),
-    ] = None,
-    load_format: Annotated[
-        str,
-        typer.Option(
-            "--load-format", help="auto (real weights) or dummy (random weights, real shapes)."
-        ),
-    ] = "auto",
+    backend: options.Backend = "auto",
+    dtype: options.DType = None,
+    load_format: options.LoadFormat = "auto",
     host: Annotated[
         str,
         typer.Option(
@@ -161,13 +131,13 @@ def serve(
 
         try:
             run_servers(
-                load, config, on_loading=lambda: _say(f"Loading {model} (backend {backend})…"),
+                load, config, on_loading=lambda: say(f"Loading {model} (backend {backend})…"),
                 on_loaded=_loaded, on_ready=_ready(api_key), on_stopping=_stopping,
             )  # fmt: skip
         except KeyboardInterrupt:
-            _say("Interrupted.")
+            say("Interrupted.")
             raise typer.Exit(130) from None
-    _say("Stopped.")
+    say("Stopped.")
 
 
 def _check_filter_options(mode: str, threshold: float) -> None:
@@ -186,12 +156,12 @@ def _setup_filter(session: Session, mode: str, threshold: float, paths: list[Pat
         mode, threshold, session.model_name, saes, paths, top_k=session.builder.top_k
     )
     if message:
-        _say(message)
+        say(message)
     if feature_filter.mode == "none":
         return
     # The filter needs the loaded SAEs' ids, so it is attached after the session is built.
     session.set_feature_filter(feature_filter)
-    _say(f"Feature filter {feature_filter.mode!r} (threshold {threshold:g}).")
+    say(f"Feature filter {feature_filter.mode!r} (threshold {threshold:g}).")
 
 
 def _setup_labels(session: Session, labeler: str | None, neuronpedia_live: bool | None) -> None:
@@ -209,7 +179,7 @@ def _setup_labels(session: Session, labeler: str | None, neuronpedia_live: bool 
     session.set_labels(resolver)
     for layer, sae in session.saes.items():
         known = len(resolver.labels_for(layer))
-        _say(
+        say(
             f"Labels for layer {layer}: {known:,} of {sae.width:,} features"
             + (" (Neuronpedia live on)" if live else "")
             + "."
@@ -227,19 +197,19 @@ def _check_context(session: Session, max_model_len: int | None) -> None:
 
 def _loaded(info: EngineInfo) -> None:
     layers = ", ".join(f"{layer} ({info.sae_ids[layer]})" for layer in info.layers)
-    _say(f"Loaded {info.model_name} on {info.device}; SAE at layer {layers}; top-k {info.top_k}.")
+    say(f"Loaded {info.model_name} on {info.device}; SAE at layer {layers}; top-k {info.top_k}.")
 
 
 def _ready(api_key: str | None):  # noqa: ANN202 - a callback
     def announce(listening: Listening) -> None:
-        _say(f"Chat API (OpenAI):  {listening.chat_url}/v1")
-        _say(f"Feature stream:     {listening.features_url}/v1/features/stream")
+        say(f"Chat API (OpenAI):  {listening.chat_url}/v1")
+        say(f"Feature stream:     {listening.features_url}/v1/features/stream")
         if api_key:
-            _say("Both ports require 'Authorization: Bearer <your --api-key>'.")
-        _say("Press Ctrl+C to stop.")
+            say("Both ports require 'Authorization: Bearer <your --api-key>'.")
+        say("Press Ctrl+C to stop.")
 
     return announce
 
 
 def _stopping() -> None:
-    _say("Shutting down…")
+    say("Shutting down…")
