@@ -22,7 +22,10 @@ def expected(index: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tiny_sae):
+def server(tiny_model, tiny_sae, tmp_path_factory):
+    # A cache of its own: other tests file labels for the same tiny SAE.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NEUROSCOPE_CACHE", str(tmp_path_factory.mktemp("labels-cache")))
     sae_id = str(Path(tiny_sae["npz"]).resolve())
     folder = store.autointerp_dir(LABELER, str(tiny_model), sae_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,6 +36,7 @@ def server(tiny_model, tiny_sae):
     server = start_server(tiny_model, tiny_sae["npz"], session={"labels": resolver})
     yield server
     server.stop()
+    patch.undo()
 
 
 def test_labels_endpoint_lists_every_feature(server):
