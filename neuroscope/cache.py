@@ -53,6 +53,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would make reports and caches private
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

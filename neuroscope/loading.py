@@ -71,7 +71,9 @@ def resolve_model(model: str, load_format: LoadFormat = "auto") -> ResolvedModel
     if local.is_file():
         from neuroscope.gguf import convert_gguf, is_gguf_file
 
-        if local.suffix == ".gguf" or is_gguf_file(local):  # Ollama keeps GGUFs as suffix-less blobs
+        if local.suffix == ".gguf" or is_gguf_file(
+            local
+        ):  # Ollama keeps GGUFs as suffix-less blobs
             return ResolvedModel(model, convert_gguf(local))
     if local.is_dir():
         if not (local / "config.json").is_file():
