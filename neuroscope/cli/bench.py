@@ -11,14 +11,10 @@ import typer
 
 from neuroscope import bench
 from neuroscope.cache import write_json_atomic
-from neuroscope.cli import app
-from neuroscope.cli.corpus import user_errors
+from neuroscope.cli import app, options
+from neuroscope.cli.options import say, user_errors
 from neuroscope.loading import DEFAULT_MODEL
 from neuroscope.sae import DEFAULT_SAE_REPO
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 def _command_line(ctx: typer.Context) -> list[str]:
@@ -39,26 +35,10 @@ def _command_line(ctx: typer.Context) -> list[str]:
 @app.command("bench")
 def bench_command(
     ctx: typer.Context,
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            help="Hub repo id, model folder, .gguf file or (with --load-format dummy) a preset.",
-        ),
-    ] = DEFAULT_MODEL,
-    sae: Annotated[
-        str, typer.Option("--sae", help="Hugging Face repo of the SAE.")
-    ] = DEFAULT_SAE_REPO,
-    sae_path: Annotated[
-        str | None,
-        typer.Option("--sae-path", help="Path of the SAE inside --sae ('{layer}' is filled in)."),
-    ] = None,
-    sae_local_path: Annotated[
-        str | None,
-        typer.Option(
-            "--sae-local-path", help="A local params.npz or SAELens folder instead of --sae."
-        ),
-    ] = None,
+    model: options.Model = DEFAULT_MODEL,
+    sae: options.Sae = DEFAULT_SAE_REPO,
+    sae_path: options.SaePath = None,
+    sae_local_path: options.SaeLocalPath = None,
     random_sae: Annotated[
         bool,
         typer.Option(
@@ -69,24 +49,11 @@ def bench_command(
     random_sae_width: Annotated[
         int, typer.Option("--random-sae-width", help="Features of the --random-sae SAE.")
     ] = 16384,
-    sae_layer: Annotated[
-        int, typer.Option("--sae-layer", help="Decoder block whose output the SAE reads.")
-    ] = 20,
+    sae_layer: options.SaeLayer = 20,
     top_k: Annotated[int, typer.Option("--top-k", help="Features reported per token.")] = 10,
-    backend: Annotated[str, typer.Option("--backend", help="auto, torch or mlx.")] = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype", help="Model dtype (float32, bfloat16, ...). Default: the backend's."
-        ),
-    ] = None,
-    load_format: Annotated[
-        str,
-        typer.Option(
-            "--load-format",
-            help="'auto', or 'dummy' for random weights at the model's real shapes.",
-        ),
-    ] = "auto",
+    backend: options.Backend = "auto",
+    dtype: options.DType = None,
+    load_format: options.LoadFormat = "auto",
     prompt: Annotated[
         str, typer.Option("--prompt", help="The user turn (the chat template is applied).")
     ] = bench.DEFAULT_PROMPT,
@@ -121,7 +88,7 @@ def bench_command(
     """
     from neuroscope.session import Session
 
-    log = bench._quiet if quiet else _say
+    log = bench._quiet if quiet else say
     with user_errors(), tempfile.TemporaryDirectory(prefix="neuroscope-bench-") as tmp:
         bench.check_arguments(tokens=tokens, rounds=rounds, subscribers=subscribers, warmup=warmup)
         if random_sae and (sae_local_path or sae_path):
