@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -107,7 +106,6 @@ class TorchBackend(Backend):
         self._sampling = SamplingParams()
         self._generator = torch.Generator(device=self._device)
         self._position = 0
-        self._model_dir = Path(model_dir)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -269,7 +267,3 @@ class TorchBackend(Backend):
             for layer, h in hooks.items():
                 h.capture, h.captured = was_capturing[layer], None
         return residuals, logits
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
