@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from neuroscope.testing import build_random_sae, build_tiny_gemma2
+from neuroscope.synthetic import build_random_sae, build_tiny_gemma2
 
 
 def main(folder: Annotated[Path, typer.Argument(help="Where to write model/ and sae/.")]) -> None:

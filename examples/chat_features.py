@@ -27,7 +27,7 @@ def main() -> None:
 
     options: dict = {"backend": args.backend, "top_k": 5}
     if args.tiny:
-        from neuroscope.testing import build_random_sae, build_tiny_gemma2
+        from neuroscope.synthetic import build_random_sae, build_tiny_gemma2
 
         root = Path(tempfile.mkdtemp())
         options |= {

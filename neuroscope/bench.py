@@ -356,7 +356,7 @@ def write_random_sae(
     import numpy as np
 
     from neuroscope.loading import resolve_model
-    from neuroscope.testing import random_sae_arrays
+    from neuroscope.synthetic import random_sae_arrays
 
     config_path = resolve_model(model, load_format).path / "config.json"  # type: ignore[arg-type]
     config = json.loads(config_path.read_text())

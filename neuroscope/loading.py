@@ -144,7 +144,7 @@ def _dummy_folder(model: str) -> Path:
 
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
         else:
-            from neuroscope.testing import build_tokenizer
+            from neuroscope.synthetic import build_tokenizer
 
             build_tokenizer(folder)
     write_json_atomic(folder / "config.json", config)

@@ -75,7 +75,7 @@ def load_saes(
             local = local.format(layer=layer) if "{layer}" in local else local
             loaded = load_local(local)
         elif dummy_d_model is not None and not path:
-            from neuroscope.testing import random_sae_arrays
+            from neuroscope.synthetic import random_sae_arrays
 
             arrays = random_sae_arrays(dummy_d_model, DUMMY_SAE_WIDTH, seed=layer)
             loaded = SAE(

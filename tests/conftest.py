@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from neuroscope.testing import build_random_sae, build_tiny_gemma2
+from neuroscope.synthetic import build_random_sae, build_tiny_gemma2
 
 TINY_LAYER = 2  # a sliding-window layer of the 4-block tiny model
 LONG_PROMPT = (

@@ -14,7 +14,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from neuroscope.server.run import BackgroundServer, ServeConfig
-from neuroscope.testing import build_tiny_gemma2
+from neuroscope.synthetic import build_tiny_gemma2
 
 TINY_LAYER = 2
 # Long enough that a generation can run for seconds: cancellation must be seen to cut it short.

@@ -115,7 +115,7 @@ def test_mlx_lm_peer_generates_neuroscopes_tokens(tiny_sae, tmp_path) -> None:
     from benchmarks.common import neuroscope_contenders
     from benchmarks.peers_mlx import mlx_lm_contender
     from neuroscope.session import Session
-    from neuroscope.testing import build_tiny_gemma2
+    from neuroscope.synthetic import build_tiny_gemma2
 
     # mlx-lm's Gemma 2 attends globally; with a window longer than the run the two are the same
     # model, as gemma-2-2b's 4096-token window is at benchmark lengths.

@@ -384,7 +384,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny Gemma 2, a random SAE for it, and a corpus file (built once per module)."""
-    from neuroscope.testing import build_random_sae, build_tiny_gemma2
+    from neuroscope.synthetic import build_random_sae, build_tiny_gemma2
 
     root = tmp_path_factory.mktemp("tiny")
     model = build_tiny_gemma2(root / "model")

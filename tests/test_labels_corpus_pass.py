@@ -14,7 +14,7 @@ from reference import load_npz, numpy_sae_encode
 from neuroscope.corpus import Corpus
 from neuroscope.labels import examples as ex
 from neuroscope.labels.corpus_pass import PassSettings, checkpoint_path, run_corpus_pass
-from neuroscope.testing import TRAINING_TEXT
+from neuroscope.synthetic import TRAINING_TEXT
 
 pytestmark = requires_torch
 

@@ -1,6 +1,6 @@
 """The MLX backend against independent references: transformers (torch, float32) and numpy.
 
-Everything runs on the tiny random Gemma 2 of neuroscope.testing, whose sliding window (8) is far
+Everything runs on the tiny random Gemma 2 of neuroscope.synthetic, whose sliding window (8) is far
 shorter than the prompts, so a model that ignores the window fails here.
 """
 
@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from neuroscope.backend import SamplingParams, load_backend_class  # noqa: E402
 from neuroscope.errors import ConfigError, ModelLoadError, SAEError  # noqa: E402
 from neuroscope.sae import SAE, load_local  # noqa: E402
-from neuroscope.testing import (  # noqa: E402
+from neuroscope.synthetic import (  # noqa: E402
     TRAINING_TEXT,
     build_random_sae,
     build_tiny_gemma2,

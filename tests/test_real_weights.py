@@ -12,7 +12,7 @@ from reference import numpy_sae_encode, numpy_top_k, transformers_forward
 from neuroscope import Session
 from neuroscope.backend import SamplingParams
 from neuroscope.chat import ChatTokenizer
-from neuroscope.testing import build_random_sae
+from neuroscope.synthetic import build_random_sae
 
 GGUF = smollm2_gguf()
 LAYER = 15  # of 30

@@ -10,7 +10,7 @@ import pytest
 
 from neuroscope.errors import SAEError
 from neuroscope.sae import DEFAULT_SAE_PATH, load_from_hub, load_local, resolve_sae_path, sae_id_for
-from neuroscope.testing import random_sae_arrays
+from neuroscope.synthetic import random_sae_arrays
 
 
 def test_npz_and_saelens_hold_the_same_parameters(tiny_sae):

@@ -127,7 +127,7 @@ def test_errors_say_what_to_do(tiny_model, tiny_sae, tmp_path):
         Session(model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=1, backend="jax")
     import numpy as np
 
-    from neuroscope.testing import random_sae_arrays
+    from neuroscope.synthetic import random_sae_arrays
 
     wide = tmp_path / "wrong.npz"
     np.savez(wide, **random_sae_arrays(32, 16))

@@ -1,4 +1,5 @@
-"""Tiny models and SAEs built offline, for tests, examples and benchmarks.
+"""Synthetic weights built offline: tiny models and random SAEs (tests, examples, benchmarks) and
+the random SAEs behind `--load-format dummy`.
 
 Nothing here downloads. The tiny Gemma 2 exercises every Gemma 2 detail that matters for
 correctness: logit soft-capping, ``query_pre_attn_scalar`` different from ``head_dim``, grouped-query
