@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import threading
@@ -338,6 +337,8 @@ def device_peak_memory(session: Any) -> float | None:
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource  # POSIX only: imported here so that the CLI still starts on Windows
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
