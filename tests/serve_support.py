@@ -131,3 +131,43 @@ class FeatureStream:
     def request_ids(self) -> set[str]:
         with self._changed:
             return {e.data["request_id"] for e in self.events if "request_id" in e.data}
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+def raw_request(
+    url: str,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    max_body: int = 65536,
+) -> RawResponse:
+    """One request with ``path`` sent exactly as given (httpx normalises ``//`` and dot segments).
+
+    Reads at most ``max_body`` bytes of the body, so a stream that never ends cannot hang a test.
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        got = {k.lower(): v for k, v in response.getheaders()}
+        data = b"" if method == "HEAD" else response.read1(max_body) if max_body else b""
+        return RawResponse(response.status, got, data)
+    finally:
+        conn.close()

@@ -1,24 +1,33 @@
-"""An optional bearer token (``--api-key``) on both servers.
+"""An optional bearer token (``--api-key``) on both servers, decided on the route the router matched.
 
-A plain ASGI wrapper, so it runs before routing and covers every ``/v1/`` path alike. ``/health``
-and the visualiser page stay open: health checks and browsers' ``EventSource`` cannot send headers.
-The key is compared in constant time and never echoed or logged.
+The check is a Litestar guard on the whole app: it runs after routing, on the route handler the
+request actually reached, so no spelling of a path (``//v1/models``, ``/%2Fv1/models``, ``/v1/./x``)
+can reach a handler without it. A path that matches no route is a 404 and reaches nothing. The open
+list is declared on the routes themselves (``opt={"open": True}``, see :data:`OPEN`): ``/health``
+(health checks send no headers) and the visualiser page's static files (a browser loads them before
+the user can type a key). The key is compared in constant time and never echoed or logged.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+from collections.abc import Iterable
 from typing import Any
 
-from neuroscope.server.errors import error_body
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.types import Guard
 
-PROTECTED_PREFIX = "/v1/"
+from neuroscope.server.errors import APIError
 
-ASGIApp = Any  # (scope, receive, send) -> awaitable
+OPEN_OPT = "open"
+OPEN: dict[str, Any] = {
+    OPEN_OPT: True
+}  # route handler ``opt`` for the routes the key does not cover
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="neuroscope"'}
 
 
-def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name.lower() == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
@@ -26,46 +35,35 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class BearerAuth:
-    """Answers 401 in OpenAI's shape unless ``Authorization: Bearer <api_key>`` is sent."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        if not api_key:
-            raise ValueError("BearerAuth needs a non-empty API key.")
-        self.app = app
-        self._key = api_key.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
-            token = bearer_token(scope.get("headers", []))
-            if token is None or not hmac.compare_digest(token.encode(), self._key):
-                await _unauthorized(send, missing=token is None)
-                return
-        await self.app(scope, receive, send)
+def key_matches(headers: Iterable[tuple[bytes, bytes]], key: str) -> bool:
+    token = bearer_token(headers)
+    return token is not None and hmac.compare_digest(token.encode(), key.encode())
 
 
-async def _unauthorized(send: Any, missing: bool) -> None:
-    if missing:
-        message = (
-            "This server requires an API key: send the header 'Authorization: Bearer <key>' "
-            "(the key neuroscope serve was started with)."
-        )
-    else:
-        message = "Incorrect API key provided."
-    body = json.dumps(error_body(message, code="invalid_api_key")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="neuroscope"'),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+def require_api_key(api_key: str) -> Guard:
+    """A guard that answers 401 in OpenAI's shape unless ``Authorization: Bearer <api_key>`` is sent
+    or the matched route is on the open list."""
+    if not api_key:
+        raise ValueError("require_api_key needs a non-empty API key.")
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        if handler.opt.get(OPEN_OPT):
+            return
+        headers = connection.scope.get("headers", [])
+        if key_matches(headers, api_key):
+            return
+        if bearer_token(headers) is None:
+            message = (
+                "This server requires an API key: send the header 'Authorization: Bearer <key>' "
+                "(the key neuroscope serve was started with)."
+            )
+        else:
+            message = "Incorrect API key provided."
+        raise APIError(401, message, code="invalid_api_key", headers=WWW_AUTHENTICATE)
+
+    return guard
 
 
-def with_auth(app: ASGIApp, api_key: str | None) -> ASGIApp:
-    return BearerAuth(app, api_key) if api_key else app
+def guards(api_key: str | None) -> list[Guard]:
+    """The app-level guards for ``api_key`` (none when no key is set)."""
+    return [require_api_key(api_key)] if api_key else []

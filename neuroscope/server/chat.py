@@ -23,7 +23,7 @@ from neuroscope.engine import Completion, Engine, EngineClosed, GenerationReques
 from neuroscope.errors import ConfigError
 from neuroscope.generation import TextDelta
 from neuroscope.records import GenerationComplete
-from neuroscope.server.auth import with_auth
+from neuroscope.server.auth import OPEN, guards
 from neuroscope.server.errors import (
     EXCEPTION_HANDLERS,
     SERVER_ERROR,
@@ -212,7 +212,7 @@ async def _result_unless_disconnected(handle: RequestHandle, request: Request) -
 
 
 def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
-    """The ASGI app for :8080 (wrapped in the API-key check when ``api_key`` is set)."""
+    """The ASGI app for :8080 (every route but the open ones needs ``api_key`` when it is set)."""
     api = ChatAPI(engine)
 
     @post("/v1/chat/completions", status_code=200)
@@ -227,14 +227,15 @@ def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
     async def model_info(model_id: str) -> dict[str, Any]:
         return await api.model_info(model_id)
 
-    @get("/health")
+    @get("/health", opt=OPEN)
     async def health() -> Response:
         return await api.health()
 
     app = Litestar(
         route_handlers=[chat_completions, models, model_info, health],
         exception_handlers=EXCEPTION_HANDLERS,
+        guards=guards(api_key),
         openapi_config=None,
         logging_config=None,  # leave the host application's logging alone
     )
-    return with_auth(app, api_key)
+    return app

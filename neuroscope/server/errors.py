@@ -11,6 +11,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.types import ExceptionHandlersMap
 
 from neuroscope.engine import EngineError, PromptTooLong
 from neuroscope.errors import ConfigError
@@ -99,7 +100,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response[dict[str, An
     return _respond(from_exception(exc))
 
 
-EXCEPTION_HANDLERS = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     APIError: handle_api_error,
     EngineError: handle_api_error,
     ConfigError: handle_api_error,

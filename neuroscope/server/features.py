@@ -24,7 +24,7 @@ from litestar.response import Stream
 from neuroscope.engine import Engine
 from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
 from neuroscope.records import TokenFeatures
-from neuroscope.server.auth import with_auth
+from neuroscope.server.auth import OPEN, guards
 from neuroscope.server.errors import EXCEPTION_HANDLERS, APIError
 
 DEFAULT_KEEPALIVE_S = 15.0
@@ -109,7 +109,7 @@ def create_features_app(
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     subscriber_queue: int | None = None,
 ) -> Any:
-    """The ASGI app for :8081 (wrapped in the API-key check when ``api_key`` is set)."""
+    """The ASGI app for :8081 (every route but the open ones needs ``api_key`` when it is set)."""
 
     @get("/v1/features/stream")
     async def stream(request: Request) -> Stream:
@@ -140,13 +140,13 @@ def create_features_app(
             layer = layers[0]
         return await engine.labels(layer)
 
-    @get("/health")
+    @get("/health", opt=OPEN)
     async def health() -> Response:
         if engine.closing:
             return Response({"status": "shutting_down"}, status_code=503)
         return Response({"status": "ready", "subscribers": hub.subscriber_count})
 
-    @get("/", media_type="text/html")
+    @get("/", media_type="text/html", opt=OPEN)
     async def page() -> str:
         info = engine.info
         return PAGE.replace("{{model}}", _html(info.model_name)).replace(
@@ -156,10 +156,11 @@ def create_features_app(
     app = Litestar(
         route_handlers=[stream, labels, health, page],
         exception_handlers=EXCEPTION_HANDLERS,
+        guards=guards(api_key),
         openapi_config=None,
         logging_config=None,  # leave the host application's logging alone
     )
-    return with_auth(app, api_key)
+    return app
 
 
 def _html(text: str) -> str:

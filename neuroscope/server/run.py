@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import signal
 import socket
 import threading
@@ -124,7 +125,7 @@ class ServerPair:
     def _uvicorn_config(self, app: Any) -> uvicorn.Config:
         return uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="on", ws="none",
-            timeout_graceful_shutdown=self.config.graceful_timeout_s,
+            timeout_graceful_shutdown=math.ceil(self.config.graceful_timeout_s),
         )  # fmt: skip
 
     async def serve(self, on_ready: Callable[[Listening], None] | None = None) -> None:
