@@ -365,6 +365,17 @@ def find_stats(model: str, sae_id: str, layer: int) -> Path | None:
     return path if path.is_file() else None
 
 
+def check_output_name(output: Path) -> None:
+    """Stats files are safetensors; a name that promises another format (stats.json) is refused
+    before any work, rather than written in a format its name belies."""
+    if output.suffix != SUFFIX:
+        raise CalibrationError(
+            f"--output {output}: calibration stats are a safetensors file (arrays plus a JSON "
+            f"header), so the name must end in {SUFFIX}, e.g. {output.with_suffix(SUFFIX).name}. "
+            "`neuroscope calibrate show --stats FILE` prints them as text."
+        )
+
+
 def checkpoint_path(output: Path) -> Path:
     """Checkpoints live in the cache, one per output file, named so a user can tell them apart."""
     key = hashlib.sha256(str(output.expanduser().resolve()).encode()).hexdigest()[:12]
@@ -664,6 +675,8 @@ def run_calibration(
 
     if samples < 1:
         raise ConfigError(f"--samples must be at least 1, not {samples}.")
+    if output is not None:
+        check_output_name(Path(output))
     corpus = ensure_corpus(corpus_path, samples)
     if corpus.samples < samples:
         log(

@@ -43,6 +43,12 @@ SHUFFLE_BUFFER = 10_000
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_COLUMNS = ("text", "content", "document", "body")
 
+# Each command names its local-files option differently; errors raised here reach all of them.
+LOCAL_FILES_HINT = (
+    "local text files instead (`neuroscope corpus build --from PATH`, or `--corpus-path PATH` "
+    "on `calibrate run` and `labels generate`)"
+)
+
 _HEADING = re.compile(r"^(= )+.*( =)+$")  # wikitext section titles: " = = Gameplay = = "
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -216,7 +222,7 @@ def _local_files(folder: Path) -> list[Path]:
     )
     if not files:
         raise CorpusError(
-            f"{folder} holds no {', '.join(LOCAL_SUFFIXES)} files. Point --from at text files."
+            f"{folder} holds no {', '.join(LOCAL_SUFFIXES)} files. Point the path at text files."
         )
     return files
 
@@ -292,7 +298,7 @@ def from_dataset(
     except ImportError:
         raise CorpusError(
             "Building a corpus from a dataset needs the datasets package: pip install datasets. "
-            "Or give local files with --from PATH."
+            f"Or use {LOCAL_FILES_HINT}."
         ) from None
     if config is None:
         config = DEFAULT_CONFIGS.get(dataset)
@@ -316,7 +322,7 @@ def from_dataset(
     except Exception as e:
         raise CorpusError(
             f"Could not read {where}: {type(e).__name__}: {e}. Check the name and config, connect to "
-            "the internet once, or build from local files with --from PATH."
+            f"the internet once, or use {LOCAL_FILES_HINT}."
         ) from None
     source = {
         "kind": "dataset",

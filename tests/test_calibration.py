@@ -557,3 +557,36 @@ def test_cli_show_refuses_a_truncated_file(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:-50])
     result = CliRunner().invoke(app, ["calibrate", "show", "--stats", str(path)])
     assert result.exit_code == 1 and "corrupt or cut short" in result.output
+
+
+@pytest.mark.parametrize("name", ["stats.json", "stats", "stats.safetensors.tmp"])
+def test_cli_run_refuses_an_output_name_of_another_format_before_any_work(tmp_path, name) -> None:
+    from neuroscope.cli import app
+
+    output = tmp_path / name
+    result = CliRunner().invoke(
+        app,
+        ["calibrate", "run", "--model", str(tmp_path / "no-model"), "--output", str(output)],
+        env={"NEUROSCOPE_CACHE": str(tmp_path / "cache")},
+    )
+    assert result.exit_code == 1, result.output
+    assert ".safetensors" in result.output and "Traceback" not in result.output
+    assert not output.exists() and not (tmp_path / "cache" / "corpus").exists()
+
+
+def test_cli_run_names_its_own_corpus_option_when_the_corpus_cannot_be_built(tmp_path) -> None:
+    pytest.importorskip("datasets")
+    from neuroscope.cli import app
+
+    # The default corpus is built from a Hub dataset: offline (conftest), that fails at once.
+    env = {"NEUROSCOPE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = CliRunner().invoke(app, ["calibrate", "run", "--model", str(tmp_path / "m")], env=env)
+    assert result.exit_code == 1 and "Could not read dataset" in result.output
+    assert "--corpus-path PATH" in result.output
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    args = ["calibrate", "run", "--corpus-path", str(empty), "--model", str(tmp_path / "m")]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 1 and "holds no" in result.output
+    # `--from` belongs to `corpus build` only; calibrate must not suggest it as its own option.
+    assert "--from" not in result.output

@@ -35,7 +35,8 @@ def run(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", help="Stats file to write. Default: the cache, where serve finds it."
+            "--output",
+            help="Stats file to write (*.safetensors). Default: the cache, where serve finds it.",
         ),
     ] = None,
     backend: options.Backend = "auto",
