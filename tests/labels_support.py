@@ -115,16 +115,23 @@ class QuietServer(ThreadingHTTPServer):
 class FakeLabeler:
     """``POST /v1/chat/completions`` on 127.0.0.1, scripted per feature (found from the prompt).
 
-    ``script(feature, attempt)`` returns "ok", "429", "500", "garbage", "refuse" or "wrong"; the
-    default answers correctly. Labels are ``label of f<feature>``; detection answers use the rule.
+    ``script(feature, attempt)`` returns "ok", "429", "500", "garbage", "refuse", "wrong", "cut"
+    (rambles until max_tokens), or a plain-text way of writing the label: "lone" (the phrase alone),
+    "prose" (JSON amid prose), "fence" (JSON in a code fence), "colon" (the phrase on the line after
+    a colon); the default answers correctly in JSON. Labels are ``label of f<feature>``; detection
+    answers use the rule. ``reject_formats`` lists the ``response_format`` types refused with a 400,
+    worded as real servers word it (``reject_schema``: every one); ``models`` is what ``GET
+    /v1/models`` lists.
     """
 
     def __init__(self, width: int, script: Callable[[int, int], str] | None = None, *,
                  delay: float = 0.0, slow_seconds: float = 1.0, reject_schema: bool = False,
-                 status_for_all: int | None = None):  # fmt: skip
+                 reject_formats: Sequence[str] = (), status_for_all: int | None = None,
+                 models: Sequence[str] = ("test/labeler",)):  # fmt: skip
         self.width, self.script, self.delay = width, script or (lambda f, a: "ok"), delay
         self.slow_seconds = slow_seconds
         self.reject_schema, self.status_for_all = reject_schema, status_for_all
+        self.reject_formats, self.models = set(reject_formats), list(models)
         self.requests: list[dict[str, Any]] = []
         self.attempts: Counter[tuple[str, int]] = Counter()
         self.lock = threading.Lock()
@@ -185,6 +192,16 @@ class FakeLabeler:
                     }
                 },
             )
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt in self.reject_formats:
+            # As `neuroscope serve` (param named) and LM Studio (message only) refuse.
+            error = (
+                {"message": f'response_format type "{fmt}" is not supported; only \'text\' is.',
+                 "type": "invalid_request_error", "param": "response_format", "code": "unsupported_value"}
+                if fmt == "json_schema"
+                else {"message": "'response_format.type' must be 'json_schema' or 'text'", "type": "invalid_request_error"}
+            )  # fmt: skip
+            return 400, {}, {"error": error}
         action = self.script(feature, attempt)
         if action == "slow":  # longer than the client waits: it gives up and retries
             time.sleep(self.slow_seconds)
@@ -200,6 +217,18 @@ class FakeLabeler:
             return 200, {}, _completion(body, "Sure! Here are my thoughts about these excerpts.")
         if action == "refuse":
             return 200, {}, _completion(body, None, refusal="I can't help with that.")
+        if action == "cut":
+            words = " ".join(["the excerpts all share a theme"] * 40)
+            return 200, {}, _completion(body, f"Let me think: {words}", finish="length")
+        label = f"label of f{feature}"
+        plain = {
+            "lone": f"{label}\n",
+            "prose": f'Looking at the excerpts, my answer is {{"label": "{label}"}}. Hope it helps!',
+            "fence": f'```json\n{{"label": "{label}"}}\n```',
+            "colon": f"The excerpts share one concept. The feature detects:\n\n**{label}**",
+        }
+        if kind == "label" and action in plain:
+            return 200, {}, _completion(body, plain[action])
         if kind == "label":
             return 200, {}, _completion(body, json.dumps({"label": f"label of f{feature}"}))
         excerpts = re.findall(r"^(\d+)\. (.*)$", user.split("Excerpts:", 1)[1], re.MULTILINE)
@@ -214,6 +243,16 @@ class FakeLabeler:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                data = json.dumps(
+                    {"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]}
+                ).encode()
+                self.send_response(200 if self.path.rstrip("/") == "/v1/models" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -233,11 +272,11 @@ class FakeLabeler:
 
 
 def _completion(
-    body: dict[str, Any], content: str | None, refusal: str | None = None
+    body: dict[str, Any], content: str | None, refusal: str | None = None, finish: str = "stop"
 ) -> dict[str, Any]:
     return {
         "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop",
+        "choices": [{"index": 0, "finish_reason": finish,
                      "message": {"role": "assistant", "content": content, "refusal": refusal}}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }  # fmt: skip

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,12 @@ from neuroscope.labels import store
 from neuroscope.labels.autointerp import generate_labels, label_messages, parse_label
 from neuroscope.labels.labeler import (
     DEFAULT_LABELER,
+    LABEL_MAX_TOKENS,
     LabelerConfig,
     LabelerError,
     RetryPolicy,
     UnusableAnswer,
+    discover_model,
     labeler_name,
     load_dotenv,
     resolve_labeler,
@@ -170,8 +173,91 @@ def test_servers_without_json_schema_get_plain_requests(
             progress=False,
         )
     assert result.summary.done == WIDTH and result.summary.failed == 0
-    with_schema = [r for r in server.requests if "response_format" in r["body"]]
-    assert len(with_schema) == 1 and len(server.requests) == WIDTH + 1
+    with_format = [
+        r["body"]["response_format"]["type"]
+        for r in server.requests
+        if "response_format" in r["body"]
+    ]
+    assert with_format == ["json_schema", "json_object"] and len(server.requests) == WIDTH + 2
+    assert result.summary.format == "text"
+
+
+PLAIN = ("lone", "prose", "fence", "colon")
+
+
+def test_refusals_of_json_schema_then_json_object_still_yield_labels_in_plain_text(
+    examples_folder: Path, tmp_path: Path
+) -> None:
+    """Requests in flight when the refusal arrives do not fail their feature; the next run (same
+    endpoint) starts in plain text and pays for no refusal."""
+    with FakeLabeler(WIDTH, lambda f, a: PLAIN[f % 4], delay=0.1,
+                     reject_formats=("json_schema", "json_object")) as server:  # fmt: skip
+        result = generate_labels(examples_folder, tmp_path / "l1", config_for(server),
+                                 concurrency=4, policy=FAST, progress=False)  # fmt: skip
+        first = list(server.requests)
+        assert result.summary.done == WIDTH and result.summary.failed == 0, result.summary
+        assert result.summary.format == "text" and result.summary.retries == 0
+        labels = store.ok_labels(store.Journal(tmp_path / "l1" / store.LABELS_FILE).load())
+        assert labels == {i: f"label of f{i}" for i in range(WIDTH)}
+        kinds = Counter((r["body"].get("response_format") or {}).get("type") for r in first)
+        # At most one round of the requests in flight pays for each refusal.
+        assert 1 <= kinds["json_schema"] <= 4 and 1 <= kinds["json_object"] <= 4
+        assert kinds[None] == WIDTH
+        assert all(r["body"]["max_tokens"] == LABEL_MAX_TOKENS for r in first)
+        again = generate_labels(examples_folder, tmp_path / "l2", config_for(server),
+                                concurrency=4, policy=FAST, progress=False)  # fmt: skip
+        later = server.requests[len(first) :]
+    assert again.summary.done == WIDTH
+    assert len(later) == WIDTH and all("response_format" not in r["body"] for r in later)
+
+
+def test_a_model_that_cannot_follow_instructions_fails_its_feature_not_the_run(
+    examples_folder: Path, tmp_path: Path
+) -> None:
+    def script(feature: int, attempt: int) -> str:
+        return {3: "cut", 8: "garbage"}.get(feature, "ok")
+
+    with FakeLabeler(WIDTH, script) as server:
+        result = generate_labels(examples_folder, tmp_path / "l", config_for(server),
+                                 concurrency=2, policy=FAST, progress=False)  # fmt: skip
+        tries = server.features_requested()
+        temperatures = [r["body"]["temperature"] for r in server.requests if r["feature"] == 3]
+    records = store.Journal(tmp_path / "l" / store.LABELS_FILE).load()
+    assert result.summary.done == WIDTH - 2 and result.summary.failed == 2
+    assert result.summary.failures == {"unusable answer": 2}
+    assert result.summary.describe_failures() == "2 unusable answer"
+    assert tries[3] == tries[8] == FAST.attempts  # bounded
+    assert "cut off at 128 tokens" in records[3]["error"] and "no label" in records[8]["error"]
+    # Greedy first, then sampling: a deterministic local model would repeat its answer.
+    assert temperatures == [0.0] + [0.7] * (FAST.attempts - 1)
+
+
+def test_the_model_is_the_one_the_server_serves(tmp_path: Path) -> None:
+    config = resolve_labeler("http://127.0.0.1:9/v1", None, env={})
+    assert config.model == "" and config.local
+    with FakeLabeler(WIDTH, models=["SmolLM2-135M-Instruct"]) as server:
+        found = discover_model(resolve_labeler(server.url, None, env={}))
+        assert found.model == "SmolLM2-135M-Instruct"
+        assert discover_model(resolve_labeler(server.url, "mine", env={})).model == "mine"
+    with (
+        FakeLabeler(WIDTH, models=["qwen3:8b", "llama3.2"]) as server,
+        pytest.raises(
+            ConfigError, match=r"serves 2 models \(qwen3:8b, llama3.2\); choose one with --labeler"
+        ),
+    ):
+        discover_model(resolve_labeler(server.url, None, env={}))
+    with pytest.raises(ConfigError, match="Cannot reach the labeler"):
+        discover_model(config, timeout=2)
+
+
+def test_an_unreachable_server_stops_the_run_with_one_clear_error(
+    examples_folder: Path, tmp_path: Path
+) -> None:
+    with FakeLabeler(WIDTH) as server:
+        url = server.url  # now closed: nothing listens there
+    with pytest.raises(LabelerError, match="Cannot reach the labeler .* Is the server running"):
+        generate_labels(examples_folder, tmp_path / "l", LabelerConfig("m", url, "custom", "x"),
+                        policy=FAST, progress=False)  # fmt: skip
 
 
 def test_a_refused_key_stops_the_run_with_a_clear_error(
@@ -198,8 +284,18 @@ def test_answers_are_parsed_tolerantly() -> None:
     assert parse_label('```json\n{"label": " closing  parenthesis "}\n```') == "closing parenthesis"
     assert parse_label('Here you go: {"label": "gratitude"} hope it helps') == "gratitude"
     assert parse_label("**Label:** numbers in lists") == "numbers in lists"
+    assert parse_label("French city names") == "French city names"
+    assert parse_label("  French city names.\n") == "French city names"
+    assert parse_label("<think>hmm, cities?</think>\nFrench city names") == "French city names"
+    assert parse_label('{"feature": "dates in May"}') == "dates in May"
+    assert parse_label("It detects:\n\n- **dates in May**\n") == "dates in May"
+    assert parse_label('I would label this feature "dates in May".') == "dates in May"
+    assert parse_label('Excerpt {"x": 1} aside, {"label": "money"}') == "money"
     for bad in (
         "I cannot help with that.",
+        "Sure! Here are my thoughts about these excerpts.",
+        "The excerpts are about many things, and it is hard to say which one matters most here.",
+        "Which excerpts do you mean?",
         '{"label": ""}',
         '{"label": 3}',
         '{"label": "' + "x" * 200 + '"}',

@@ -85,6 +85,13 @@ def test_detection_answers_must_name_real_excerpts() -> None:
         parse_detection('{"activating": [5]}', 4)
     with pytest.raises(UnusableAnswer):
         parse_detection('{"activating": "1, 2"}', 4)
+    # What a model without JSON mode writes.
+    assert parse_detection("Activating: 2, 4", 4) == {2, 4}
+    assert parse_detection("**Activating:** none", 4) == frozenset()
+    assert parse_detection("The feature fires in [1, 3].", 4) == {1, 3}
+    assert parse_detection("<think>[4]?</think>```json\n{\"activating\": [2]}\n```", 4) == {2}
+    with pytest.raises(UnusableAnswer):
+        parse_detection("It fires in several of them.", 4)
 
 
 def test_scores_land_beside_labels_and_are_not_asked_twice(

@@ -16,7 +16,7 @@ from neuroscope.loading import DEFAULT_MODEL
 from neuroscope.sae import DEFAULT_SAE_REPO
 
 if TYPE_CHECKING:
-    from neuroscope.labels.labeler import LabelerConfig
+    from neuroscope.labels.labeler import LabelerConfig, RetryPolicy, RunSummary
 
 labels_app = typer.Typer(
     help="Feature labels: generate them (auto-interp), score them, show them, import Neuronpedia's.",
@@ -41,7 +41,28 @@ LabelerBackend = Annotated[
     ),
 ]
 Concurrency = Annotated[
-    int, typer.Option("--concurrency", min=1, help="Requests in flight at once.")
+    int | None,
+    typer.Option(
+        "--concurrency",
+        min=1,
+        help="Requests in flight at once (default: 50 for OpenRouter/Anthropic, 2 for a server named by URL).",
+    ),
+]
+MaxTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        min=1,
+        help="Cap on each answer's tokens (default: 128 for a label, 256 for a detection answer; raise it for a model that thinks aloud).",
+    ),
+]
+Timeout = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        min=1.0,
+        help="Seconds to wait for one answer (default: 90 for OpenRouter/Anthropic, 300 for a server named by URL).",
+    ),
 ]
 Threshold = Annotated[
     float,
@@ -126,7 +147,9 @@ def generate(
     ] = 20,
     labeler: Labeler = None,
     labeler_backend: LabelerBackend = None,
-    concurrency: Concurrency = 50,
+    concurrency: Concurrency = None,
+    max_tokens: MaxTokens = None,
+    timeout: Timeout = None,
     score: Annotated[
         bool,
         typer.Option(
@@ -174,11 +197,12 @@ def generate(
     then one request per feature names it. Reruns skip what is done."""
     from neuroscope.labels import autointerp, corpus_pass, store
     from neuroscope.labels import examples as ex
-    from neuroscope.labels.labeler import resolve_labeler
 
     with user_errors():
         _load_env()
-        config = resolve_labeler(labeler_backend, labeler)  # no key: fail now, before the GPU work
+        # No key, no server, no model: fail now, before the corpus pass.
+        config = _labeler(labeler_backend, labeler, max_tokens)
+        policy = _policy(config, timeout)
         wanted = parse_features(features)
         sae_id = sae_id_from_options(sae, sae_path, sae_local_path, sae_layer)
         folder = ex.examples_dir(model, sae_id)
@@ -206,12 +230,15 @@ def generate(
                 err=True,
             )
         labels_folder = store.autointerp_dir(config.model, model, sae_id)
+        typer.echo(f"Labeler: {config.model} at {config.base_url}.", err=True)
         result = autointerp.generate_labels(
-            folder, labels_folder, config, features=wanted, concurrency=concurrency
+            folder, labels_folder, config, features=wanted, concurrency=concurrency, policy=policy
         )
         s = result.summary
         typer.echo(
-            f"Labelled {s.done} features ({s.per_second:.1f}/s), {s.failed} failed, {s.retries} retries; "
+            f"Labelled {s.done} features, {s.failed} failed"
+            + (f" ({s.describe_failures()})" if s.failed else "")
+            + f", {s.retries} retries, in {s.seconds:.0f} s ({_speed(s)}; {s.format} output); "
             f"{result.skipped_done} already done; {result.labelled_total} labels in {labels_folder}.",
             err=True,
         )
@@ -221,17 +248,43 @@ def generate(
                 err=True,
             )
         if s.failed:
-            typer.echo("Run the same command again to retry the failed ones.", err=True)
+            typer.echo(
+                "Each failure and its reason is in labels.jsonl; run the same command again to "
+                "retry the failed ones.",
+                err=True,
+            )
         labels = store.ok_labels(store.Journal(labels_folder / store.LABELS_FILE).load())
         if score:
-            _score(
-                labels, folder, labels_folder / store.SCORES_FILE, config, threshold, concurrency
-            )
+            _score(labels, folder, labels_folder / store.SCORES_FILE, config, threshold,
+                   concurrency, policy)  # fmt: skip
         if output is not None:
             from neuroscope.cache import write_json_atomic
 
             write_json_atomic(output, {str(i): t for i, t in sorted(labels.items())})
             typer.echo(f"Wrote {len(labels)} labels to {output}.", err=True)
+
+
+def _labeler(backend: str | None, model: str | None, max_tokens: int | None) -> LabelerConfig:
+    """The labeler's config, its model asked of the server when a URL was given without --labeler."""
+    from dataclasses import replace
+
+    from neuroscope.labels.labeler import discover_model, resolve_labeler
+
+    config = discover_model(resolve_labeler(backend, model))
+    return replace(config, max_tokens=max_tokens) if max_tokens else config
+
+
+def _policy(config: LabelerConfig, timeout: float | None) -> RetryPolicy:
+    from dataclasses import replace
+
+    policy = config.default_policy()
+    return replace(policy, timeout=timeout) if timeout else policy
+
+
+def _speed(s: RunSummary) -> str:
+    """'4.2 s per answer, 38 tok/s' -- the endpoint's speed as this run saw it."""
+    text = f"{s.seconds_per_answer:.1f} s per answer" if s.done else "no answer"
+    return text + (f", {s.tokens_per_second:.0f} tok/s" if s.tokens else "")
 
 
 def _score(
@@ -240,16 +293,18 @@ def _score(
     scores_path: Path,
     config: LabelerConfig,
     threshold: float,
-    concurrency: int,
+    concurrency: int | None,
+    policy: RetryPolicy,
 ) -> None:
     from neuroscope.labels.scoring import score_labels
 
-    result = score_labels(
-        labels, examples_folder, scores_path, config, threshold=threshold, concurrency=concurrency
-    )
+    result = score_labels(labels, examples_folder, scores_path, config, threshold=threshold,
+                          concurrency=concurrency, policy=policy)  # fmt: skip
     s = result.summary
     typer.echo(
-        f"Scored {s.done} labels, {s.failed} failed; {result.skipped_done} already scored; "
+        f"Scored {s.done} labels, {s.failed} failed"
+        + (f" ({s.describe_failures()})" if s.failed else "")
+        + f" ({_speed(s)}); {result.skipped_done} already scored; "
         f"{result.insufficient} could not be scored (no held-out or non-activating excerpt).",
         err=True,
     )
@@ -314,7 +369,9 @@ def score_command(
     ] = None,
     labeler_backend: LabelerBackend = None,
     threshold: Threshold = 0.6,
-    concurrency: Concurrency = 50,
+    concurrency: Concurrency = None,
+    max_tokens: MaxTokens = None,
+    timeout: Timeout = None,
     model: Model = DEFAULT_MODEL,
     sae: Sae = DEFAULT_SAE_REPO,
     sae_path: SaePath = None,
@@ -325,11 +382,10 @@ def score_command(
     excerpts, ask which activate; store the balanced accuracy beside the label and flag low ones."""
     from neuroscope.labels import examples as ex
     from neuroscope.labels import store
-    from neuroscope.labels.labeler import resolve_labeler
 
     with user_errors():
         _load_env()
-        config = resolve_labeler(labeler_backend, labeler)
+        config = _labeler(labeler_backend, labeler, max_tokens)
         sae_id = sae_id_from_options(sae, sae_path, sae_local_path, sae_layer)
         if labels is None:
             sets = store.find_label_sets(model, sae_id)
@@ -348,6 +404,7 @@ def score_command(
             config,
             threshold,
             concurrency,
+            _policy(config, timeout),
         )
 
 
@@ -422,9 +479,9 @@ def show(
                 )
             parts.append(
                 f"firing rate: {rate:.4%} ({rates.source})"
-                if rate is not None
+                if rate is not None and rates is not None
                 else "firing rate: unknown (no calibration or corpus pass)"
-            )  # type: ignore[union-attr]
+            )
             typer.echo("  " + "   ".join(parts))
             for n, e in enumerate(feature.examples[:examples] if feature else [], start=1):
                 typer.echo(f"  {n}. ({e.activation:.2f}) {one_line(e.marked())}")

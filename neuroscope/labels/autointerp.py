@@ -23,6 +23,7 @@ from neuroscope.labels.labeler import (
     UnusableAnswer,
     json_object_in,
     run_jobs,
+    without_thinking,
 )
 from neuroscope.labels.store import LABELS_FILE, Journal, ok_labels, write_meta
 
@@ -67,21 +68,68 @@ def label_messages(feature: ex.FeatureExamples) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_LABEL_LINE = re.compile(r"^\s*\**label\s*[:=]\**\s*(.+)$", re.IGNORECASE | re.MULTILINE)
+# "Label: ...", "**Label:** ...", "- label = ..." on a line of its own.
+_LABEL_LINE = re.compile(r"^[\s*_#>-]*(?:feature\s+)?label[\s*_]*[:=][\s*_]*(.+)$", re.I | re.M)
+# 'I would label it "French city names".'
+_QUOTED_LABEL = re.compile(r"\blabel\b[^\"\n]{0,40}\"([^\"\n]{2,120})\"", re.I)
+_FENCE = re.compile(r"^\s*```[\w-]*\s*$", re.M)
+# Chat, not a label: a sentence about the task, an apology, a refusal.
+_CHATTY = re.compile(
+    r"^(i|i'm|i'd|i am|sure|here|okay|ok|certainly|sorry|unfortunately|as an|based on|the excerpts|"
+    r"these excerpts|this feature|the feature|looking at|let me|note)\b",
+    re.I,
+)
+MAX_LABEL_WORDS = 12
+
+
+def _clean(value: str) -> str:
+    return " ".join(value.strip().strip("\"'`*_").split())
+
+
+def _lone_label(line: str) -> str | None:
+    """``line`` as a label if it reads like one (a short phrase, not a sentence of chat)."""
+    text = _clean(line.strip().lstrip("-*•>#").strip())
+    if text.endswith(".") and text.count(".") == 1:
+        text = text[:-1]
+    if not text or _CHATTY.match(text) or text[-1] in "?!:;,":
+        return None
+    if len(text.split()) > MAX_LABEL_WORDS or "{" in text or "}" in text:
+        return None
+    return text
+
+
+def _label_value(text: str) -> object:
+    """Where the label is in an answer, in order of trust; UnusableAnswer when nowhere."""
+    try:
+        return json_object_in(text, "label")["label"]
+    except UnusableAnswer:
+        pass
+    try:  # a JSON object with another key, {"feature": "..."}: its only value
+        values = list(json_object_in(text).values())
+        if len(values) == 1 and isinstance(values[0], str):
+            return values[0]
+    except UnusableAnswer:
+        pass
+    for pattern in (_LABEL_LINE, _QUOTED_LABEL):
+        if match := pattern.search(text):
+            return match.group(1)
+    lines = [line for line in _FENCE.sub("", text).splitlines() if line.strip()]
+    if len(lines) == 1 and (label := _lone_label(lines[0])):
+        return label
+    # "The feature detects:\n\nFrench city names" -- the phrase on the line after a colon.
+    for before, line in zip(lines, lines[1:], strict=False):
+        if before.rstrip().endswith(":") and (label := _lone_label(line)):
+            return label
+    raise UnusableAnswer(f"no label in the answer: {text[:80]!r}")
 
 
 def parse_label(text: str) -> str:
-    """The label in an answer: a JSON object's ``label``, or a ``Label: ...`` line; else unusable."""
-    try:
-        value = json_object_in(text).get("label")
-    except UnusableAnswer:
-        match = _LABEL_LINE.search(text)
-        if not match:
-            raise
-        value = match.group(1)
+    """The label in an answer: a JSON object's ``label`` (bare, fenced or amid prose), a
+    ``Label: ...`` line, or a short phrase on a line of its own; else :class:`UnusableAnswer`."""
+    value = _label_value(without_thinking(text))
     if not isinstance(value, str):
         raise UnusableAnswer("the answer's label is not text")
-    label = " ".join(value.strip().strip("\"'`*").split())
+    label = _clean(value)
     if not label:
         raise UnusableAnswer("empty label")
     if len(label) > MAX_LABEL_CHARS:
@@ -103,7 +151,7 @@ def generate_labels(
     config: LabelerConfig,
     *,
     features: Sequence[int] | None = None,
-    concurrency: int = 50,
+    concurrency: int | None = None,
     policy: RetryPolicy | None = None,
     progress: bool = True,
     ids: dict[str, str] | None = None,

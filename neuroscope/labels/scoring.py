@@ -10,9 +10,11 @@ changed label is scored again and an unchanged one never is.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from neuroscope.labels import examples as ex
 from neuroscope.labels.autointerp import one_line
 from neuroscope.labels.labeler import (
+    SCORE_MAX_TOKENS,
     Job,
     LabelerConfig,
     Outcome,
@@ -28,6 +31,7 @@ from neuroscope.labels.labeler import (
     UnusableAnswer,
     json_object_in,
     run_jobs,
+    without_thinking,
 )
 from neuroscope.labels.store import Journal
 
@@ -91,8 +95,26 @@ def detection_messages(trial: Trial) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+_NUMBER_LIST = re.compile(r"\[([\d,\s]*)\]")
+_ACTIVATING_LINE = re.compile(r"activating[\s*_\"]*[:=][\s*_]*([\d,\s]*|none)\s*$", re.I | re.M)
+
+
+def _activating_value(text: str) -> object:
+    """The list of excerpt numbers in an answer: a JSON object's ``activating``, else a bare list
+    ``[1, 4]`` or an ``Activating: 1, 4`` line (what a model without JSON mode writes)."""
+    try:
+        return json_object_in(text, "activating")["activating"]
+    except UnusableAnswer:
+        pass
+    for pattern in (_ACTIVATING_LINE, _NUMBER_LIST):
+        if match := pattern.search(text):
+            found = match.group(1)
+            return [] if found.strip().lower() == "none" else re.findall(r"\d+", found)
+    raise UnusableAnswer(f"no list of excerpts in the answer: {text[:80]!r}")
+
+
 def parse_detection(text: str, count: int) -> frozenset[int]:
-    value = json_object_in(text).get("activating")
+    value = _activating_value(without_thinking(text))
     if not isinstance(value, list):
         raise UnusableAnswer("'activating' is not a list")
     picked = set()
@@ -142,7 +164,7 @@ def score_labels(
     config: LabelerConfig,
     *,
     threshold: float = DEFAULT_THRESHOLD,
-    concurrency: int = 50,
+    concurrency: int | None = None,
     policy: RetryPolicy | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -172,7 +194,8 @@ def score_labels(
     def jobs() -> Iterator[Job[frozenset[int]]]:
         for t in trials:
             yield Job(t.index, detection_messages(t), "detection", DETECTION_SCHEMA,
-                      lambda text, n=len(t.excerpts): parse_detection(text, n))  # fmt: skip
+                      partial(parse_detection, count=len(t.excerpts)),
+                      max_tokens=SCORE_MAX_TOKENS)  # fmt: skip
 
     def on_done(outcome: Outcome[frozenset[int]]) -> None:
         trial = by_index[outcome.key]
