@@ -430,7 +430,8 @@ def load_corpus(path: str | Path) -> Corpus:
             f"{samples_path} does not match its manifest (changed or cut short). Rebuild the corpus with "
             f"`neuroscope corpus build --output {folder}`."
         )
-    texts = [json.loads(line)["text"] for line in data.decode("utf-8").splitlines() if line]
+    # split("\n"), not splitlines(): a sample may hold U+2028 or \x85, which json.dumps leaves raw
+    texts = [json.loads(line)["text"] for line in data.decode("utf-8").split("\n") if line]
     if len(texts) != manifest.get("samples") or not texts:
         raise CorpusError(
             f"{folder}: {len(texts)} samples where the manifest says {manifest.get('samples')}. Rebuild it."
