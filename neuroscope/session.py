@@ -16,7 +16,7 @@ import numpy as np
 
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.chat import ChatTokenizer, Message
-from neuroscope.errors import ConfigError
+from neuroscope.errors import ConfigError, SAEError
 from neuroscope.generation import (
     Event,
     FeatureFilter,
@@ -85,6 +85,12 @@ def load_saes(
             )  # fmt: skip
         else:
             loaded = load_from_hub(sae, resolve_sae_path(path, layer, sae))
+        loaded.check_layer(layer)
+        if loaded.site != "resid_post":  # other sites need hooks the backends do not have yet
+            raise SAEError(
+                f"SAE {loaded.id} reads {loaded.site} ({loaded.hook_name or 'from its path'}); "
+                "Neuroscope hooks the residual stream after a block (resid_post) only."
+            )
         saes[layer] = loaded.with_input_norm(input_norm)
     return saes
 

@@ -57,8 +57,8 @@ def test_saelens_architectures_and_options(tiny_sae, tmp_path):
     )
     sae = load_local(folder)
     assert (sae.architecture, sae.k, sae.apply_b_dec_to_input) == ("topk", 4, True)
-    (folder / "cfg.json").write_text(json.dumps(cfg | {"architecture": "gated"}))
-    with pytest.raises(SAEError, match="'gated' is not supported"):
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"architecture": "abstopk"}))
+    with pytest.raises(SAEError, match="'abstopk' is not supported"):
         load_local(folder)
 
 
@@ -107,3 +107,33 @@ def test_load_from_hub_reads_the_hf_cache_offline(tiny_sae, tmp_path, monkeypatc
     assert load_from_hub("someone/saelens-sae", "blocks.2").id == "someone/saelens-sae/blocks.2"
     with pytest.raises(SAEError, match="not in the Hugging Face cache.*--sae-local-path"):
         load_from_hub(repo, "layer_3/width_16k/average_l0_1/params.npz")
+
+
+def test_an_sae_is_hooked_where_it_was_trained(tiny_sae, tmp_path):
+    """cfg.json's hook_name names a layer and a site; Session refuses any other place."""
+    from neuroscope.session import load_saes
+
+    assert load_saes([2], sae_local_path=str(tiny_sae["saelens"]))[2].layer == 2
+    with pytest.raises(SAEError, match=r"trained on layer 2 .*hooked at layer 3.*--layer 2"):
+        load_saes([3], sae_local_path=str(tiny_sae["saelens"]))
+    folder = tmp_path / "attn"
+    shutil.copytree(tiny_sae["saelens"], folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"hook_name": "blocks.2.hook_attn_out"}))
+    with pytest.raises(SAEError, match=r"reads attn_out \(blocks\.2\.hook_attn_out\)"):
+        load_saes([2], sae_local_path=str(folder))
+
+
+def test_bfloat16_safetensors_widen_exactly(tmp_path):
+    """bfloat16 is the top half of a float32: every stored value comes back exactly."""
+    from neuroscope.sae import read_safetensors
+
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    values = torch.randn(7, 5).to(torch.bfloat16)
+    save_file({"w": values, "h": values.to(torch.float16)}, str(tmp_path / "x.safetensors"))
+    arrays = read_safetensors(tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(arrays["w"], values.float().numpy())
+    np.testing.assert_array_equal(arrays["h"], values.to(torch.float16).float().numpy())
+    assert arrays["w"].dtype == np.float32
