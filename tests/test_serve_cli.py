@@ -223,6 +223,8 @@ def test_a_port_in_use_fails_fast_before_loading(tmp_path) -> None:
             "--feature-filter must be one of none, frequency, surprise, combined",
         ),
         (["--filter-threshold", "1.5"], "--filter-threshold is a firing rate between 0 and 1"),
+        (["--header-timeout", "0"], "--header-timeout must be positive"),
+        (["--max-connections", "0"], "--max-connections must be at least 1"),
     ],
 )
 def test_bad_filter_options_fail_before_anything_loads(args, message) -> None:

@@ -13,6 +13,7 @@ from neuroscope.errors import ConfigError
 from neuroscope.filters import DEFAULT_MODE, DEFAULT_THRESHOLD, MODES
 from neuroscope.loading import DEFAULT_MODEL
 from neuroscope.sae import DEFAULT_SAE_REPO
+from neuroscope.server.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
 
 if TYPE_CHECKING:
     from neuroscope.engine import EngineInfo
@@ -100,6 +101,22 @@ def serve(
             "--max-model-len", help="Context in tokens (prompt + reply). Default: the model's."
         ),
     ] = None,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            help="Seconds a client has to send a request's complete headers (in total, however "
+            "slowly the bytes trickle in); then it gets a 408 and is disconnected.",
+        ),
+    ] = DEFAULT_HEADER_TIMEOUT_S,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            help="Open connections per port (feature streams included); beyond it new requests "
+            "get a 503.",
+        ),
+    ] = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve the OpenAI chat API and stream, token by token, the SAE features of every request.
 
@@ -113,7 +130,8 @@ def serve(
         _check_filter_options(feature_filter, filter_threshold)
         config = ServeConfig(
             host=host, port=port, features_port=features_port, api_key=api_key or None,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len, header_timeout_s=header_timeout,
+            max_connections=max_connections,
         )  # fmt: skip
         layers = sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
 

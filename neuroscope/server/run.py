@@ -25,7 +25,9 @@ from neuroscope.engine import Engine, EngineInfo
 from neuroscope.errors import ConfigError
 from neuroscope.hub import DEFAULT_SUBSCRIBER_QUEUE, Hub
 from neuroscope.server.chat import create_chat_app
+from neuroscope.server.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
 from neuroscope.server.features import DEFAULT_KEEPALIVE_S, create_features_app
+from neuroscope.server.limits import protocol_with_header_timeout
 
 if TYPE_CHECKING:
     from neuroscope.session import Session
@@ -41,6 +43,14 @@ class ServeConfig:
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE
     graceful_timeout_s: float = 5.0  # after this, connections still open at shutdown are cut
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # a request's complete headers, per request
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per port; beyond it new requests get a 503
+
+    def __post_init__(self) -> None:
+        if not self.header_timeout_s > 0:
+            raise ConfigError(f"--header-timeout must be positive, got {self.header_timeout_s}.")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ class ServerPair:
         return uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="on", ws="none",
             timeout_graceful_shutdown=math.ceil(self.config.graceful_timeout_s),
+            http=protocol_with_header_timeout(self.config.header_timeout_s),
+            limit_concurrency=self.config.max_connections,
         )  # fmt: skip
 
     async def serve(self, on_ready: Callable[[Listening], None] | None = None) -> None:
