@@ -84,6 +84,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(
+            400,
+            "The request body is nested too deeply to be a chat request; send a flat JSON object.",
+            code="invalid_json",
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(
             400,
@@ -128,9 +134,23 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _text(value: str, where: str) -> str:
+    """``value``, if it is text a tokenizer can take: JSON's ``\\ud800`` escapes can make a string
+    with a lone UTF-16 surrogate, which is not Unicode text and cannot be encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(
+            where,
+            f"{where} contains a lone surrogate (\\u{ord(value[e.start]):04x} at character "
+            f"{e.start}), which is not valid Unicode text; send valid UTF-8.",
+        ) from None
+    return value
+
+
 def _content(content: Any, where: str) -> str | list[dict[str, str]]:
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if content is None:
         raise _bad(where, f"{where} is required (a string or a list of text parts).")
     if not isinstance(content, list):
@@ -150,7 +170,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, str]]:
             )
         if not isinstance(part.get("text"), str):
             raise _bad(f"{here}.text", f"{here}.text must be a string.")
-        parts.append({"type": "text", "text": part["text"]})
+        parts.append({"type": "text", "text": _text(part["text"], f"{here}.text")})
     return parts
 
 
@@ -158,11 +178,15 @@ def _stop(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return list(stop)
-    raise _bad("stop", "stop must be a string or a list of strings.")
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "stop must be a string or a list of strings.")
+    for i, s in enumerate(stops):
+        where = "stop" if isinstance(stop, str) else f"stop[{i}]"
+        if not s:
+            raise _bad(where, f"{where} is empty; a stop string needs at least one character.")
+        _text(s, where)
+    return list(stops)
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -181,7 +205,11 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
                 f"{key} are not supported by this server; send the request without them.",
                 "unsupported_parameter",
             )
-    if body.get("logprobs") is True:
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad("logprobs", f"logprobs must be true or false, got {json.dumps(logprobs)}.")
+    _int(body, "top_logprobs", 0)  # ignored without logprobs, but only as the right type
+    if logprobs is True:
         raise _bad(
             "logprobs",
             "logprobs are not supported by this server; send logprobs=false.",
