@@ -12,17 +12,23 @@ when asked, so ``neuroscope`` itself never imports mlx or torch.
 from __future__ import annotations
 
 import platform
+import statistics
 import sys
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from neuroscope.errors import BackendUnavailable, ConfigError
 from neuroscope.sae import SAE
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 ENTRY_POINT_GROUP = "neuroscope.backends"
 EXTRA_FOR_BACKEND = {"mlx": "mlx", "torch": "torch"}
@@ -85,14 +91,18 @@ class BatchStats:
 
 
 class Backend(ABC):
-    """One loaded model on one device, running one sequence at a time.
-
-    Constructed as ``Backend(model_dir, *, dtype=None, dummy_weights=False)``: ``model_dir`` is a local
-    folder in the Hugging Face layout; ``dummy_weights`` builds the architecture from its
-    ``config.json`` with random weights.
-    """
+    """One loaded model on one device, running one sequence at a time (created by :meth:`load`)."""
 
     name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls, model_dir: str | Path, *, dtype: str | None = None, dummy_weights: bool = False
+    ) -> Self:
+        """Load the model in ``model_dir`` (a local folder in the Hugging Face layout) in ``dtype``
+        (None: the device's default); ``dummy_weights`` builds the architecture from its
+        ``config.json`` with random weights."""
 
     @classmethod
     def is_available(cls) -> bool:
@@ -135,6 +145,16 @@ class Backend(ABC):
         """Prefill a batch (right-padded, no cache, no generation) and reduce the SAE features of
         ``layer`` (which must have an SAE set) on the device; see :class:`BatchStats`."""
 
+    def peak_memory_mib(self) -> float | None:
+        """Peak memory the device's allocator reports, in MiB; None where it reports none."""
+        return None
+
+    def time_sae_encode(self, sae: SAE, k: int, min_seconds: float = 0.3) -> float | None:
+        """Seconds per token of ``sae``'s encode + top-``k`` + copy of the top-k to the host, on a
+        random residual in the model's dtype, in isolation (median of repetitions). None where the
+        backend cannot time it alone."""
+        return None
+
     @abstractmethod
     def forward_reference(
         self, token_ids: Sequence[int], layers: Sequence[int]
@@ -176,3 +196,17 @@ def load_backend_class(name: str) -> type[Backend]:
             f"Try --backend {'torch' if name == 'mlx' else 'mlx'}."
         )
     return cls
+
+
+def median_seconds(step: Callable[[], object], min_seconds: float = 0.3) -> float:
+    """The median duration of ``step`` after 3 untimed calls: at least 5 timed calls, and more until
+    ``min_seconds`` have passed (at most 1000). For backends' micro-benchmarks."""
+    for _ in range(3):
+        step()
+    times: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -118,7 +118,7 @@ class ChatTokenizer:
 
     def token_text(self, token_id: int) -> str:
         """One token on its own, special tokens shown (for ``next_token`` of stop tokens)."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
     def decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self.tokenizer, skip_special_tokens)
@@ -127,22 +127,31 @@ class ChatTokenizer:
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces whose concatenation is the decoded whole.
 
-    Decoding tokens one by one breaks multi-byte characters and leading-space rules, so each new
-    piece is the difference between decoding a short window with and without the new token; a piece
-    that ends in an incomplete character waits for the next token.
+    Decoding tokens one by one breaks multi-byte characters and leading-space rules. With a fast
+    tokenizer this is ``tokenizers``' own ``DecodeStream`` (one decode of a short window per token,
+    in Rust); otherwise each piece is the difference between decoding a short window with and
+    without the new token. Either way a piece that ends in an incomplete character waits for the
+    next token.
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._fast = getattr(tokenizer, "backend_tokenizer", None)
+        if self._fast is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
         self._prefix = 0  # start of the window that gives context
         self._read = 0  # end of what has been emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # type: ignore[no-any-return]
 
     def push(self, token_id: int) -> str:
+        if self._fast is not None:
+            return self._stream.step(self._fast, token_id) or ""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])

@@ -10,7 +10,7 @@ Modes (``--feature-filter``):
 - ``combined`` (default): frequency first, then surprise.
 
 Surprise can only re-rank what the backend reports, so filtering modes ask it for more candidates
-than ``top_k`` (:meth:`FeatureFilter.candidates`). ``filtered_count`` is how many features of the
+than ``top_k`` (:attr:`FilterPlan.candidates`). ``filtered_count`` is how many features of the
 unfiltered top-k (by activation) the frequency rule hid: it says how much of the plain view was noise,
 and does not depend on how many candidates were fetched.
 """
@@ -63,15 +63,42 @@ class LayerCalibration:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
+class FilteredRows:
+    """The filter's verdict on the candidates of several positions (rows) of one layer.
+
+    ``indices``/``activations`` [rows, top_k] are best first; only the first ``counts[row]`` entries
+    of a row are kept (the rest are padding). ``surprise`` is None unless the mode ranks by it;
+    ``filtered`` (per row) is None in mode ``none`` and for layers without calibration.
+    """
+
+    indices: np.ndarray  # int64 [rows, top_k]
+    activations: np.ndarray  # float32 [rows, top_k]
+    counts: np.ndarray  # int64 [rows]
+    surprise: np.ndarray | None = None  # float32 [rows, top_k]
+    filtered: np.ndarray | None = None  # int64 [rows]
+
+
+def _firing_prefix(indices: np.ndarray, activations: np.ndarray, shown: int) -> FilteredRows:
+    """No filtering: the backend's top ``shown`` by activation, firing ones (> 0) only."""
+    idx, act = indices[:, :shown], activations[:, :shown]
+    order = np.argsort(act <= 0, axis=1, kind="stable")  # firing first, order kept
+    idx, act = np.take_along_axis(idx, order, 1), np.take_along_axis(act, order, 1)
+    return FilteredRows(idx, act, (act > 0).sum(axis=1))
+
+
+@dataclass(frozen=True)
 class FeatureFilter:
-    """Applies one mode to the candidates of one position (see the module docstring)."""
+    """One mode over per-layer calibration (see the module docstring): the configuration only.
+
+    Immutable; :meth:`plan` binds it to a ``top_k`` and is what runs on the token path.
+    """
 
     mode: FilterMode = "none"
     threshold: float = DEFAULT_THRESHOLD
     layers: Mapping[int, LayerCalibration] = field(default_factory=dict)
     width: int | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # the default of plan()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,12 +113,6 @@ class FeatureFilter:
             raise ConfigError(
                 f"Feature filter {self.mode!r} needs calibration stats; none were given."
             )
-        # The most features any layer's frequency rule can drop; asking for that many more candidates
-        # guarantees top_k survivors whenever top_k features fire.
-        self._frequent = max(
-            (int((cal.firing_rate > self.threshold).sum()) for cal in self.layers.values()),
-            default=0,
-        )
 
     @property
     def drops_frequent(self) -> bool:
@@ -101,52 +122,68 @@ class FeatureFilter:
     def ranks_by_surprise(self) -> bool:
         return self.mode in ("surprise", "combined")
 
-    def candidates(self, top_k: int) -> int:
-        """How many top features (by activation) to ask the backend for, per position.
-
-        Also remembers ``top_k`` as the number of features :meth:`apply` returns.
-        """
-        if top_k < 1:
+    def plan(self, top_k: int | None = None) -> FilterPlan:
+        """This filter returning ``top_k`` features per position (default: the filter's own)."""
+        top_k = top_k if top_k is not None else self.top_k
+        if top_k is None or top_k < 1:
             raise ConfigError(f"top_k must be at least 1, not {top_k}.")
-        self.top_k = top_k
         pool = top_k * SURPRISE_POOL if self.ranks_by_surprise else top_k
         if self.drops_frequent:
-            pool += self._frequent
-        return min(pool, self.width) if self.width else pool
+            # The most features any layer's frequency rule can drop; asking for that many more
+            # candidates guarantees top_k survivors whenever top_k features fire.
+            pool += max(
+                (int((cal.firing_rate > self.threshold).sum()) for cal in self.layers.values()),
+                default=0,
+            )
+        return FilterPlan(self, top_k, min(pool, self.width) if self.width else pool)
 
-    def apply(
-        self, layer: int, indices: np.ndarray, activations: np.ndarray, top_k: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]:
-        """Filter and rank one position's candidates.
 
-        Returns at most ``top_k`` (default: the ``top_k`` of the filter) kept indices and
-        activations, best first; the surprise of each (None unless this mode ranks by it); and
-        ``filtered_count`` (None in mode ``none``). Only firing candidates (activation > 0) are kept
-        by the filtering modes. Layers without calibration pass through unfiltered.
+@dataclass(frozen=True)
+class FilterPlan:
+    """A :class:`FeatureFilter` bound to ``top_k``: ask the backend for ``candidates`` features per
+    position, then :meth:`apply` keeps at most ``top_k`` of them. No state changes after creation."""
+
+    filter: FeatureFilter
+    top_k: int
+    candidates: int
+
+    def apply(self, layer: int, indices: np.ndarray, activations: np.ndarray) -> FilteredRows:
+        """Filter and rank the candidates of every row (position) of one layer at once.
+
+        ``indices``/``activations`` are [rows, candidates] (a single position may be 1-D). Only
+        firing candidates (activation > 0) are kept. Layers without calibration pass through
+        unfiltered (``filtered`` None).
         """
-        indices = np.asarray(indices)
-        activations = np.asarray(activations)
-        shown = top_k or self.top_k or len(indices)
-        cal = self.layers.get(layer)
-        if self.mode == "none" or cal is None:
-            return indices[:shown], activations[:shown], None, None
-        # Activation order first (stable: ties keep the backend's order).
-        order = np.argsort(-activations, kind="stable")
-        order = order[activations[order] > 0]
-        idx, act = indices[order], activations[order]
+        indices = np.atleast_2d(np.asarray(indices))
+        activations = np.atleast_2d(np.asarray(activations))
+        shown, f = self.top_k, self.filter
+        cal = f.layers.get(layer)
+        if f.mode == "none" or cal is None:
+            return _firing_prefix(indices, activations, shown)
+        # Activation order first (stable: ties keep the backend's order); firing ones lead.
+        order = np.argsort(-activations, axis=1, kind="stable")
+        idx = np.take_along_axis(indices, order, 1)
+        act = np.take_along_axis(activations, order, 1)
+        keep = act > 0
 
-        filtered = 0
-        if self.drops_frequent:
-            frequent = cal.firing_rate[idx] > self.threshold
-            filtered = int(frequent[:shown].sum())
-            idx, act = idx[~frequent], act[~frequent]
+        filtered = np.zeros(len(idx), np.int64)
+        if f.drops_frequent:
+            frequent = (cal.firing_rate[idx] > f.threshold) & keep
+            filtered = frequent[:, :shown].sum(axis=1)
+            keep &= ~frequent
 
         surprise = None
-        if self.ranks_by_surprise:
-            surprise = ((act - cal.mean[idx]) / cal.std[idx]).astype(np.float32)
-            by_surprise = np.lexsort((-act, -surprise))[:shown]
-            idx, act, surprise = idx[by_surprise], act[by_surprise], surprise[by_surprise]
-        return idx[:shown], act[:shown], surprise, filtered
+        if f.ranks_by_surprise:
+            z = ((act - cal.mean[idx]) / cal.std[idx]).astype(np.float32)
+            # Kept ones first, by surprise, ties by activation (lexsort: the last key is primary).
+            rank = np.lexsort((-act, -np.where(keep, z, -np.inf), ~keep), axis=1)
+            surprise = np.take_along_axis(z, rank, 1)[:, :shown]
+        else:
+            rank = np.argsort(~keep, axis=1, kind="stable")  # kept first, activation order kept
+        idx = np.take_along_axis(idx, rank, 1)[:, :shown]
+        act = np.take_along_axis(act, rank, 1)[:, :shown]
+        counts = np.minimum(keep.sum(axis=1), shown)
+        return FilteredRows(idx, act, counts, surprise, filtered)
 
 
 def make_filter(

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from neuroscope.backend import Backend, LayerTopK, SamplingParams, StepFeatures
 from neuroscope.chat import ChatTokenizer, StopStrings
-from neuroscope.records import Feature, GenerationComplete, Phase, TokenFeatures
+from neuroscope.filters import FeatureFilter, FilterPlan
+from neuroscope.records import Feature, FinishReason, GenerationComplete, Phase, TokenFeatures
+
+NO_FILTER = FeatureFilter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,16 +31,7 @@ class TextDelta:
 Event = TextDelta | TokenFeatures | GenerationComplete
 
 
-class FeatureFilter(Protocol):
-    def candidates(self, top_k: int) -> int: ...
-
-    def apply(
-        self, layer: int, indices: np.ndarray, activations: np.ndarray, top_k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]:
-        """At most ``top_k`` kept (indices, activations), their surprise (or None), and how many
-        of the unfiltered top-k were hidden (or None)."""
-
-
+@runtime_checkable
 class Labels(Protocol):
     """Where feature labels come from: one at a time on the token path, or a whole layer at once."""
 
@@ -64,19 +58,77 @@ class FunctionLabels:
         return {i: self._lookup(layer, i) for i in range(width or 0)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecordBuilder:
-    """Turns top-k arrays into ``TokenFeatures``: filter, label, tag."""
+    """Turns top-k arrays into ``TokenFeatures``: filter, label, tag. Immutable: replace it (with
+    ``dataclasses.replace``) to change labels or the filter."""
 
     sae_ids: Mapping[int, str]  # layer -> SAE id
     top_k: int
     labels: Labels = field(default_factory=FunctionLabels)
     feature_filter: FeatureFilter | None = None
+    plan: FilterPlan = field(init=False)  # the filter (or none) bound to top_k
+
+    def __post_init__(self) -> None:
+        plan = (self.feature_filter or NO_FILTER).plan(self.top_k)
+        object.__setattr__(self, "plan", plan)  # frozen: set once, here
 
     @property
     def backend_top_k(self) -> int:
         """How many candidates to ask the backend for."""
-        return self.feature_filter.candidates(self.top_k) if self.feature_filter else self.top_k
+        return self.plan.candidates
+
+    def build_rows(
+        self,
+        request_id: str,
+        layer: int,
+        topk: LayerTopK,
+        rows: slice,
+        *,
+        positions: Sequence[int],
+        phase: Phase,
+        token_ids: Sequence[int],
+        tokens: Sequence[str],
+        next_tokens: Sequence[str | None],
+        token_indices: Sequence[int | None],
+    ) -> list[TokenFeatures]:
+        """Records of ``topk``'s rows ``rows`` (one per position), filtered in one numpy call.
+
+        Arrays become Python lists once per call (``tolist``), not one number at a time.
+        """
+        out = self.plan.apply(layer, topk.indices[rows], topk.activations[rows])
+        # Rounded here, as the wire shows them: short JSON numbers, and the same value in Python.
+        acts = np.round(out.activations.astype(np.float64), 6).tolist()
+        indices, counts = out.indices.tolist(), out.counts.tolist()
+        surprise = None if out.surprise is None else np.round(out.surprise, 6).tolist()
+        filtered = [None] * len(counts) if out.filtered is None else out.filtered.tolist()
+        label, sae = self.labels, self.sae_ids[layer]
+        records = []
+        for r, n in enumerate(counts):
+            idx, act = indices[r][:n], acts[r][:n]
+            if surprise is None:
+                features = [Feature(i, a, label(layer, i)) for i, a in zip(idx, act, strict=True)]
+            else:
+                features = [
+                    Feature(i, a, label(layer, i), s)
+                    for i, a, s in zip(idx, act, surprise[r], strict=False)
+                ]
+            records.append(
+                TokenFeatures(
+                    request_id,
+                    positions[r],
+                    phase,
+                    tokens[r],
+                    token_ids[r],
+                    layer,
+                    sae,
+                    features,
+                    token_indices[r],
+                    next_tokens[r],
+                    filtered[r],
+                )  # fmt: skip
+            )
+        return records
 
     def build(
         self,
@@ -92,37 +144,12 @@ class RecordBuilder:
         next_token: str | None,
         token_index: int | None,
     ) -> TokenFeatures:
-        indices, activations = topk.indices[row], topk.activations[row]
-        surprise, filtered = None, None
-        if self.feature_filter is not None:
-            indices, activations, surprise, filtered = self.feature_filter.apply(
-                layer, indices, activations
-            )
-        features = [
-            Feature(
-                index=int(i),
-                activation=float(a),
-                label=self.labels(layer, int(i)),
-                surprise=None if surprise is None else float(surprise[n]),
-            )
-            for n, (i, a) in enumerate(
-                zip(indices[: self.top_k], activations[: self.top_k], strict=True)
-            )
-            if a > 0
-        ]
-        return TokenFeatures(
-            request_id=request_id,
-            position=position,
-            phase=phase,
-            token=token,
-            token_id=token_id,
-            layer=layer,
-            sae=self.sae_ids[layer],
-            top_features=features,
-            token_index=token_index,
-            next_token=next_token,
-            filtered_count=filtered,
-        )
+        """The record of one row of ``topk``."""
+        return self.build_rows(
+            request_id, layer, topk, slice(row, row + 1), positions=[position], phase=phase,
+            token_ids=[token_id], tokens=[token], next_tokens=[next_token],
+            token_indices=[token_index],
+        )[0]  # fmt: skip
 
 
 def prompt_records(
@@ -134,18 +161,30 @@ def prompt_records(
     next_token: str | None,
     report_bos: bool = False,
 ) -> Iterator[TokenFeatures]:
-    """Records of the prompt positions; ``next_token`` is the text after the last one."""
+    """Records of the prompt positions, position by position; ``next_token`` is the text after the
+    last one."""
     decoder = tokenizer.decoder(skip_special_tokens=False)
-    texts = [decoder.push(t) for t in prompt_ids]
-    for p, token_id in enumerate(prompt_ids):
-        if p == 0 and not report_bos and token_id == tokenizer.bos_token_id:
-            continue
-        nxt = texts[p + 1] if p + 1 < len(prompt_ids) else next_token
-        for layer, topk in features.items():
-            yield builder.build(
-                request_id, layer, topk, p, position=p, phase="prompt", token_id=token_id,
-                token=texts[p], next_token=nxt, token_index=None,
-            )  # fmt: skip
+    ids = [int(t) for t in prompt_ids]
+    texts = [decoder.push(t) for t in ids]
+    first = 0 if report_bos or ids[0] != tokenizer.bos_token_id else 1
+    nexts: list[str | None] = [*texts[first + 1 :], next_token]
+    by_layer = [
+        builder.build_rows(
+            request_id,
+            layer,
+            topk,
+            slice(first, len(ids)),
+            positions=range(first, len(ids)),
+            phase="prompt",
+            token_ids=ids[first:],
+            tokens=texts[first:],
+            next_tokens=nexts,
+            token_indices=[None] * (len(ids) - first),
+        )  # fmt: skip
+        for layer, topk in features.items()
+    ]
+    for row in zip(*by_layer, strict=True):
+        yield from row
 
 
 def generate(
@@ -177,7 +216,7 @@ def generate(
         builder, tokenizer, request_id, prompt_ids, features, text, report_bos
     )
 
-    finish = "length"
+    finish: FinishReason = "length"
     completion = 0
     for i in range(max_tokens):
         if token in tokenizer.stop_token_ids:
@@ -192,18 +231,21 @@ def generate(
             break
         features = backend.decode(token)
         last = stopped or i + 1 == max_tokens
-        nxt, nxt_text = (None, None) if last else draw()
+        nxt = None if last else draw()
+        nxt_text = None if nxt is None else nxt[1]
         position = len(prompt_ids) + i
         for layer, topk in features.items():
-            yield builder.build(
-                request_id, layer, topk, 0, position=position, phase="generation", token_id=token,
-                token=text, next_token=nxt_text, token_index=i,
+            yield from builder.build_rows(
+                request_id, layer, topk, slice(0, 1), positions=[position], phase="generation",
+                token_ids=[token], tokens=[text], next_tokens=[nxt_text], token_indices=[i],
             )  # fmt: skip
         if stopped:
             finish = "stop"
             break
-        token, text = nxt, nxt_text  # type: ignore[assignment]
+        if nxt is None:
+            break
+        token, text = nxt
     tail = stops.flush()  # text held back for a stop string that never completed
     if tail:
         yield TextDelta(tail)
-    yield GenerationComplete(request_id, finish, len(prompt_ids), completion)  # type: ignore[arg-type]
+    yield GenerationComplete(request_id, finish, len(prompt_ids), completion)

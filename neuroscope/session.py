@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,9 +17,9 @@ import numpy as np
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.chat import ChatTokenizer, Message
 from neuroscope.errors import ConfigError, SAEError
+from neuroscope.filters import FeatureFilter
 from neuroscope.generation import (
     Event,
-    FeatureFilter,
     FunctionLabels,
     LabelLookup,
     Labels,
@@ -154,7 +154,7 @@ class Session:
         self.resolved: ResolvedModel = resolve_model(model, load_format)
         backend_class = load_backend_class(backend)
         self.tokenizer = ChatTokenizer(self.resolved.path)
-        self.backend: Backend = backend_class(
+        self.backend: Backend = backend_class.load(
             self.resolved.path, dtype=dtype, dummy_weights=self.resolved.dummy_weights
         )
         info = self.backend.info
@@ -269,16 +269,15 @@ class Session:
     def set_labels(self, labels: Labels | LabelLookup | None) -> None:
         """Where feature labels come from: a ``neuroscope.labels.LabelResolver``, any
         ``(layer, index) -> str`` function, or None for ``feature_<index>``."""
-        if labels is None or not hasattr(labels, "labels_for"):
-            labels = FunctionLabels(labels)
-        self.builder.labels = labels  # type: ignore[assignment]
+        resolved = labels if isinstance(labels, Labels) else FunctionLabels(labels)
+        self.builder = replace(self.builder, labels=resolved)
 
     def set_feature_filter(self, feature_filter: FeatureFilter | None) -> None:
         """Filter and re-rank each position's features (see ``neuroscope.filters``); None: off.
 
         The backend is then asked for as many candidates as the filter needs.
         """
-        self.builder.feature_filter = feature_filter
+        self.builder = replace(self.builder, feature_filter=feature_filter)
         narrowest = min(s.width for s in self.saes.values())
         self.backend.set_saes(self.saes, min(self.builder.backend_top_k, narrowest))
 

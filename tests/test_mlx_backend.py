@@ -95,7 +95,7 @@ def reference(torch_model, prompt: list[int]) -> tuple[dict[int, np.ndarray], np
 
 @pytest.fixture(scope="module")
 def backend(folder: Path) -> MLXBackend:
-    return MLXBackend(folder, dtype="float32")  # the default on Metal is bfloat16
+    return MLXBackend.load(folder, dtype="float32")  # the default on Metal is bfloat16
 
 
 @pytest.fixture()
@@ -434,7 +434,7 @@ def test_sampling_is_reproducible_and_respects_top_k_and_top_p(clean, prompt) ->
 
 
 def test_decode_and_sample_need_a_prefill(folder) -> None:
-    fresh = MLXBackend(folder)
+    fresh = MLXBackend.load(folder)
     with pytest.raises(RuntimeError, match="prefill"):
         fresh.decode(5)
     with pytest.raises(RuntimeError, match="prefill"):
@@ -507,17 +507,17 @@ def test_published_gemma2_config_gets_transformers_layer_types() -> None:
 
 def test_load_errors_say_what_to_do(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
-        MLXBackend(tmp_path / "missing")
+        MLXBackend.load(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps(tiny_gemma2_config()))
     with pytest.raises(ModelLoadError, match="safetensors"):
-        MLXBackend(tmp_path)
+        MLXBackend.load(tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
-        MLXBackend(tmp_path, dtype="float64", dummy_weights=True)
+        MLXBackend.load(tmp_path, dtype="float64", dummy_weights=True)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_stays_close(folder, reference, prompt, dtype) -> None:
-    half = MLXBackend(folder, dtype=dtype)
+    half = MLXBackend.load(folder, dtype=dtype)
     residuals, logits = half.forward_reference(prompt, [NUM_LAYERS - 1])
     diff = np.abs(logits - reference[1]).max()
     print(f"{dtype}: logits max abs diff {diff:.2e}")
@@ -571,7 +571,7 @@ TINY_CONFIGS = {
 def test_dummy_weights_build_run_and_hook_any_decoder(tmp_path, model_type) -> None:
     """Random weights from config.json alone; the hook works on mlx-lm's own models too."""
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIGS[model_type]))
-    model = MLXBackend(tmp_path, dtype="float32", dummy_weights=True)
+    model = MLXBackend.load(tmp_path, dtype="float32", dummy_weights=True)
     assert model.info.model_type == model_type
     ids = list(np.random.default_rng(0).integers(3, 300, size=20))
     residuals, logits = model.forward_reference(ids, [0, 1])
@@ -580,7 +580,7 @@ def test_dummy_weights_build_run_and_hook_any_decoder(tmp_path, model_type) -> N
     assert (spread > 0.05).all() and (spread < 100).all(), spread  # neither vanishing nor exploding
     assert logits.std() > 1e-2
     # Deterministic: a second build gives the same model.
-    again = MLXBackend(tmp_path, dtype="float32", dummy_weights=True)
+    again = MLXBackend.load(tmp_path, dtype="float32", dummy_weights=True)
     np.testing.assert_array_equal(again.forward_reference(ids, [0])[1], logits)
     # Cached decode equals the full forward; steering shifts the hooked residual.
     model.record_residuals([1])
@@ -597,7 +597,7 @@ def test_dummy_weights_build_run_and_hook_any_decoder(tmp_path, model_type) -> N
 
 def test_decode_speed_with_and_without_sae_hooks(folder, sae_paths, prompt) -> None:
     """Measured, not asserted: the cost of SAE encode + top-k per decoded token."""
-    model = MLXBackend(folder)
+    model = MLXBackend.load(folder)
     sae = load_local(sae_paths["npz"])
     n = 100
     rates = {}

@@ -24,7 +24,7 @@ pytestmark = requires_torch
 def backend(tiny_model, tiny_sae):
     from neuroscope_torch import TorchBackend
 
-    b = TorchBackend(tiny_model, dtype="float32")
+    b = TorchBackend.load(tiny_model, dtype="float32")
     b.set_saes({TINY_LAYER: load_local(tiny_sae["npz"])}, top_k=8)
     return b
 
@@ -173,6 +173,6 @@ def test_dummy_weights_build_from_config(tmp_path, tiny_model):
 
     resolved = resolve_model(str(tiny_model / "config.json"), load_format="dummy")
     assert not list(resolved.path.glob("*.safetensors"))
-    b = TorchBackend(resolved.path, dummy_weights=True)
+    b = TorchBackend.load(resolved.path, dummy_weights=True)
     residuals, logits = b.forward_reference([2, 10, 11, 12], [1])
     assert logits.shape == (4, 512) and np.isfinite(logits).all() and residuals[1].std() > 0

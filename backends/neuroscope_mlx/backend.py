@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -30,7 +33,22 @@ from neuroscope_mlx.loading import load_folder, resolve_dtype
 from neuroscope_mlx.sae import MLXSAE, top_k
 from neuroscope_mlx.sampling import sample_token
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 TopK = dict[int, tuple[mx.array, mx.array]]  # layer -> (indices, activations), on the device
+
+
+@dataclass
+class MLXSequence:
+    """The state of one sequence: its KV cache, how it samples, its last logits and the token
+    already drawn from them (with the step's graph) that ``sample`` has not taken yet."""
+
+    cache: list[Any]  # mlx-lm's per-layer caches
+    sampling: SamplingParams
+    key: mx.array  # the PRNG key, split at each non-greedy draw
+    logits: mx.array  # float32 [vocab], of the last position (lazy until the step is evaluated)
+    next_token: mx.array | None = None
 
 
 class MLXBackend(Backend):
@@ -38,20 +56,25 @@ class MLXBackend(Backend):
     # Prompt tokens per forward pass: bounds the attention and activation memory of long prompts.
     prefill_step = 512
 
-    def __init__(self, model_dir: Path, *, dtype: str | None = None, dummy_weights: bool = False):
-        self.dtype = resolve_dtype(dtype)
-        self.model, self.config = load_folder(model_dir, self.dtype, dummy_weights=dummy_weights)
+    def __init__(self, model: nn.Module, config: dict[str, Any], dtype: mx.Dtype):
+        """Wrap a loaded model (use :meth:`load`)."""
+        self.dtype = dtype
+        self.model, self.config = model, config
         self._hooks = install_hooks(self.model)
         self._info = _model_info(self.config, num_layers=len(self._hooks))
         self._saes: dict[int, MLXSAE] = {}
         self._top_k = 10
         self._recorded: tuple[int, ...] = ()
-        self._cache: list | None = None
-        self._sampling = SamplingParams()
-        self._key: mx.array | None = None
-        self._logits: mx.array | None = None  # float32 [vocab], what sample() reads
-        self._next_token: mx.array | None = None  # sampled with the step's graph, not yet taken
+        self._seq: MLXSequence | None = None
         self.last_residuals: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, *, dtype: str | None = None, dummy_weights: bool = False
+    ) -> Self:
+        mx_dtype = resolve_dtype(dtype)
+        model, config = load_folder(model_dir, mx_dtype, dummy_weights=dummy_weights)
+        return cls(model, config, mx_dtype)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -114,21 +137,20 @@ class MLXBackend(Backend):
 
     def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
         ids = self._check_ids(token_ids)
-        self._cache = make_prompt_cache(self.model)
-        self._sampling = sampling
-        self._key = mx.random.key(
-            sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        )
-        self._logits = self._next_token = None
+        self._seq = None
+        cache = make_prompt_cache(self.model)
         # All but the last token: fill the cache; their logits are never evaluated (nor computed).
         steps = []
         body = ids[:-1]
         for start in range(0, len(body), self.prefill_step):
-            self.model(mx.array([body[start : start + self.prefill_step]]), cache=self._cache)
+            self.model(mx.array([body[start : start + self.prefill_step]]), cache=cache)
             features = self._features()
-            mx.eval(features, [c.state for c in self._cache])
+            mx.eval(features, [c.state for c in cache])
             steps.append(self._to_host(features))
-        steps.append(self._run_last(ids[-1:]))
+        key = mx.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        logits = self._last_logits(cache, ids[-1:])
+        self._seq = MLXSequence(cache, sampling, key, logits)
+        steps.append(self._finish_step(self._seq))
         self.last_residuals = {
             layer: np.concatenate([s[1][layer] for s in steps]) for layer in self._recorded
         }
@@ -141,40 +163,45 @@ class MLXBackend(Backend):
         }
 
     def decode(self, token_id: int) -> StepFeatures:
-        if self._cache is None:
-            raise RuntimeError("decode() before prefill(): start a sequence with prefill().")
-        features, residuals = self._run_last(self._check_ids([token_id]))
+        seq = self._sequence("decode")
+        seq.logits = self._last_logits(seq.cache, self._check_ids([token_id]))
+        features, residuals = self._finish_step(seq)
         self.last_residuals = residuals
         return features
 
     def sample(self) -> int:
-        if self._logits is None:
-            raise RuntimeError("sample() before prefill(): there are no logits yet.")
-        token = self._next_token if self._next_token is not None else self._draw()
-        self._next_token = None
-        return int(token.item())
+        seq = self._sequence("sample")
+        token = seq.next_token if seq.next_token is not None else self._draw(seq)
+        seq.next_token = None
+        return int(np.asarray(token))
 
     @property
     def last_logits(self) -> np.ndarray:
         """The float32 logits [vocab] that sample() reads (for tests and debugging)."""
-        if self._logits is None:
-            raise RuntimeError("No logits yet: call prefill() first.")
-        return np.array(self._logits)
+        return np.array(self._sequence("last_logits").logits)
 
-    def _run_last(self, ids: list[int]) -> tuple[StepFeatures, dict[int, np.ndarray]]:
-        """A forward pass whose last logits are kept and sampled, all in one evaluation."""
-        logits = self.model(mx.array([ids]), cache=self._cache)
-        self._logits = logits[0, -1].astype(mx.float32)
-        self._next_token = self._draw()
+    def _last_logits(self, cache: list[Any], ids: list[int]) -> mx.array:
+        """The (lazy) float32 logits of the last of ``ids``, run through ``cache``."""
+        return self.model(mx.array([ids]), cache=cache)[0, -1].astype(mx.float32)
+
+    def _finish_step(self, seq: MLXSequence) -> tuple[StepFeatures, dict[int, np.ndarray]]:
+        """Sample the next token from the step's logits and take its features, in one evaluation."""
+        seq.next_token = self._draw(seq)
         features = self._features()
-        mx.eval(self._next_token, self._logits, features)
+        mx.eval(seq.next_token, seq.logits, features)
         return self._to_host(features)
 
-    def _draw(self) -> mx.array:
+    @staticmethod
+    def _draw(seq: MLXSequence) -> mx.array:
         key = None
-        if not self._sampling.greedy:
-            self._key, key = mx.random.split(self._key)
-        return sample_token(self._logits, self._sampling, key)
+        if not seq.sampling.greedy:
+            seq.key, key = mx.random.split(seq.key)
+        return sample_token(seq.logits, seq.sampling, key)
+
+    def _sequence(self, what: str) -> MLXSequence:
+        if self._seq is None:
+            raise RuntimeError(f"{what}() before prefill(): start a sequence with prefill().")
+        return self._seq
 
     # --- SAE features --------------------------------------------------------------------
 
@@ -185,15 +212,9 @@ class MLXBackend(Backend):
 
     def _features(self) -> tuple[TopK, dict[int, mx.array]]:
         """Top-k per hooked layer and recorded residuals of the last forward pass (lazy)."""
-        top = {
-            layer: sae.top_k(self._hooks[layer].captured[0], self._top_k)
-            for layer, sae in self._saes.items()
-        }
-        residuals = {
-            layer: self._hooks[layer].captured[0].astype(mx.float32) for layer in self._recorded
-        }
-        for hook in self._hooks:
-            hook.captured = None
+        captured = {layer: self._hooks[layer].take()[0] for layer in {*self._saes, *self._recorded}}
+        top = {layer: sae.top_k(captured[layer], self._top_k) for layer, sae in self._saes.items()}
+        residuals = {layer: captured[layer].astype(mx.float32) for layer in self._recorded}
         return top, residuals
 
     @staticmethod
@@ -227,7 +248,7 @@ class MLXBackend(Backend):
         # No cache: a causal mask already keeps right padding out of every real token's view.
         # Only the residual at `layer` is evaluated, so later blocks and the logits never run.
         self.model(mx.array(ids))
-        residual, hook.captured = hook.captured, None
+        residual = hook.take()
         self._update_capture()
         acts = self._saes[layer].encode(residual).reshape(len(rows) * seq_len, -1)
         pos = mx.arange(seq_len)[None]
@@ -250,7 +271,7 @@ class MLXBackend(Backend):
             top_tokens = np.pad(np.array(stats[5]).astype(np.int64), pad, constant_values=-1)
             top_values = np.pad(np.array(stats[6], dtype=np.float32), pad)
         return BatchStats(
-            tokens=int(stats[4].item()),
+            tokens=int(np.asarray(stats[4])),
             seq_len=seq_len,
             fire_count=np.array(stats[0]).astype(np.int64),
             act_sum=np.array(stats[1]).astype(np.float64),
@@ -269,9 +290,7 @@ class MLXBackend(Backend):
             self._hooks[layer].capture = True
         try:
             logits = self.model(mx.array([ids]))[0].astype(mx.float32)
-            residuals = {
-                layer: self._hooks[layer].captured[0].astype(mx.float32) for layer in layers
-            }
+            residuals = {layer: self._hooks[layer].take()[0].astype(mx.float32) for layer in layers}
             mx.eval(logits, residuals)
             return {layer: np.array(r) for layer, r in residuals.items()}, np.array(logits)
         finally:

@@ -27,6 +27,13 @@ class LayerHook:
         self.capture = False
         self.captured: mx.array | None = None
 
+    def take(self) -> mx.array:
+        """The captured output of the last forward pass (and forget it)."""
+        if self.captured is None:
+            raise RuntimeError("The hooked block did not run: no residual was captured.")
+        captured, self.captured = self.captured, None
+        return captured
+
     def __call__(self, hidden: mx.array) -> mx.array:
         if self.steering is not None:
             hidden = hidden + self.steering

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,7 +34,7 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[name]
 
 
-def model_classes(config: dict) -> tuple[type[nn.Module], type]:
+def model_classes(config: dict) -> tuple[type[nn.Module], type[Any]]:
     """(Model, ModelArgs) for a config: ours where mlx-lm's is not exact, else mlx-lm's."""
     module = MODELS.get(config.get("model_type", ""))
     if module is not None:
@@ -49,7 +50,7 @@ def randomize(model: nn.Module, seed: int) -> None:
     Matrices are [out, in] (embeddings [vocab, d]), so 1/sqrt(last dim) keeps activations of unit
     scale through each layer; norm weights and biases keep their neutral defaults.
     """
-    params = tree_flatten(model.parameters())
+    params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
     for key, (name, value) in zip(keys, params, strict=True):
@@ -82,7 +83,8 @@ def load_folder(
             config = load_config(folder)
             model_class, args_class = model_classes(config)
             mx.random.seed(seed)  # makes constructor-initialised parameters (biases) reproducible
-            model = model_class(args_class.from_dict(config))
+            # mlx-lm's Model classes take their ModelArgs; nn.Module's own __init__ takes none.
+            model = model_class(args_class.from_dict(config))  # type: ignore[call-arg]
             randomize(model, seed)
         else:
             model, config = load_model(folder, get_model_classes=model_classes)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,10 +18,14 @@ from neuroscope.backend import (
     ModelInfo,
     SamplingParams,
     StepFeatures,
+    median_seconds,
 )
 from neuroscope.errors import ConfigError, ModelLoadError
 from neuroscope.sae import SAE
 from neuroscope_torch.sae import TorchSAE
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Soft-capped attention (Gemma 2) is exact only in the eager kernel.
@@ -33,7 +40,7 @@ class ResidualHook:
         self.capture = False
         self.add: torch.Tensor | None = None
 
-    def __call__(self, module, args, output):
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         if self.add is not None:
             hidden = hidden + self.add.to(hidden.dtype)
@@ -43,10 +50,18 @@ class ResidualHook:
             return None
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
+    def take(self) -> torch.Tensor:
+        """The captured output of the last forward pass (and forget it)."""
+        if self.captured is None:
+            raise RuntimeError("The hooked block did not run: no residual was captured.")
+        captured, self.captured = self.captured, None
+        return captured
+
 
 def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
     """The list of decoder blocks, found by shape rather than by name, so any architecture works."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
     layers = getattr(decoder, "layers", None)
     if isinstance(layers, torch.nn.ModuleList) and len(layers) == num_layers:
         return layers
@@ -56,39 +71,34 @@ def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleL
     raise ModelLoadError(f"Cannot find the {num_layers} decoder blocks of {type(model).__name__}.")
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` since transformers
+    renamed ``past_key_values`` (which it warns about, then removes in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class TorchSequence:
+    """The state of one sequence: its KV cache, where it stands, how it samples, its last logits."""
+
+    cache: Any  # a transformers Cache
+    sampling: SamplingParams
+    generator: torch.Generator
+    position: int  # tokens in the cache
+    logits: torch.Tensor  # float32 [vocab], of the last position
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        dtype: str | None = None,
-        dummy_weights: bool = False,
-        device: str | None = None,
-    ):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = "bfloat16" if self._device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-        self.dtype = DTYPES[dtype]
-        config = AutoConfig.from_pretrained(model_dir)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        attn = "eager" if text_config.model_type in EAGER_MODELS else "sdpa"
-        if dummy_weights:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=self.dtype, attn_implementation=attn
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=self.dtype, attn_implementation=attn
-            )
-        self.model = model.to(self._device).eval()
+    def __init__(self, model: torch.nn.Module, text_config: Any, device: torch.device):
+        """Wrap a loaded model (use :meth:`load`)."""
+        self.model = model
+        self.model_config: Any = getattr(model, "config", None)  # transformers' whole config
         self.config = text_config
+        self._device = device
+        self.dtype = next(model.parameters()).dtype
         max_len = getattr(text_config, "max_position_embeddings", None)
         self._info = ModelInfo(
             model_type=text_config.model_type,
@@ -98,14 +108,41 @@ class TorchBackend(Backend):
             max_position_embeddings=max_len,
         )
         self._layers = _decoder_layers(self.model, text_config.num_hidden_layers)
+        self._cache_arg = _cache_argument(model)
         self._hooks: dict[int, ResidualHook] = {}
         self._saes: dict[int, TorchSAE] = {}
         self._top_k = 0
-        self._cache = None
-        self._logits: torch.Tensor | None = None
-        self._sampling = SamplingParams()
-        self._generator = torch.Generator(device=self._device)
-        self._position = 0
+        self._seq: TorchSequence | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        dtype: str | None = None,
+        dummy_weights: bool = False,
+        device: str | None = None,
+    ) -> Self:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = "bfloat16" if target.type == "cuda" else "float32"
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+        config = AutoConfig.from_pretrained(model_dir)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        attn = "eager" if text_config.model_type in EAGER_MODELS else "sdpa"
+        if dummy_weights:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=DTYPES[dtype], attn_implementation=attn
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=DTYPES[dtype], attn_implementation=attn
+            )
+        return cls(model.to(target).eval(), text_config, target)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -125,6 +162,13 @@ class TorchBackend(Backend):
         return self._hooks[layer]
 
     def set_saes(self, saes: Mapping[int, SAE], top_k: int) -> None:
+        for layer, sae in saes.items():
+            self._check_layer(layer)
+            sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
+            if not 1 <= top_k <= sae.width:
+                raise ConfigError(
+                    f"top_k must be between 1 and the SAE width {sae.width}, not {top_k}."
+                )
         for hook in self._hooks.values():
             hook.capture = False
         self._saes = {layer: TorchSAE(sae, self._device) for layer, sae in saes.items()}
@@ -133,60 +177,66 @@ class TorchBackend(Backend):
         self._top_k = top_k
 
     def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
-        if vector is not None and np.shape(vector) != (self._info.hidden_size,):
-            raise ConfigError(f"A steering vector must have shape ({self._info.hidden_size},).")
-        self._hook(layer).add = (
-            None if vector is None else torch.as_tensor(vector, device=self._device)
-        )
+        self._check_layer(layer)
+        if vector is None:
+            self._hook(layer).add = None
+            return
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self._info.hidden_size,) or not np.isfinite(vector).all():
+            raise ConfigError(
+                f"A steering vector must be {self._info.hidden_size} finite numbers, "
+                f"got shape {vector.shape}."
+            )
+        self._hook(layer).add = torch.as_tensor(vector, device=self._device)
 
     def _features(self) -> StepFeatures:
         """Top-k of each hooked layer's captured residual (batch row 0), moved to the host."""
         out = {}
         for layer, sae in self._saes.items():
-            hook = self._hooks[layer]
-            indices, values = sae.top_k(hook.captured[0], self._top_k)
-            hook.captured = None
+            indices, values = sae.top_k(self._hooks[layer].take()[0], self._top_k)
             out[layer] = LayerTopK(indices.cpu().numpy(), values.cpu().numpy())
         return out
 
-    @torch.inference_mode()
-    def _forward(self, token_ids: Sequence[int]) -> None:
-        ids = torch.tensor([list(token_ids)], device=self._device)
-        positions = torch.arange(self._position, self._position + ids.shape[1], device=self._device)
+    def _forward(self, cache: Any, position: int, token_ids: list[int]) -> torch.Tensor:
+        """Run ``token_ids`` from ``position`` through ``cache``; the last position's logits."""
+        ids = torch.tensor([token_ids], device=self._device)
+        positions = torch.arange(position, position + ids.shape[1], device=self._device)
         out = self.model(
-            input_ids=ids, past_key_values=self._cache, use_cache=True,
-            cache_position=positions, position_ids=positions[None], logits_to_keep=1,
+            input_ids=ids, use_cache=True, position_ids=positions[None], logits_to_keep=1,
+            **{self._cache_arg: cache},
         )  # fmt: skip
-        self._cache = out.past_key_values
-        self._logits = out.logits[0, -1].float()
-        self._position += ids.shape[1]
+        return out.logits[0, -1].float()
 
     # -- generation -------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
         from transformers import DynamicCache
 
-        if not token_ids:
-            raise ConfigError("Cannot run an empty prompt.")
-        self._cache = DynamicCache(config=self.model.config)
-        self._position = 0
-        self._sampling = sampling
+        ids = self._check_ids(token_ids)
+        self._seq = None
+        generator = torch.Generator(device=self._device)
         if sampling.seed is not None:
-            self._generator.manual_seed(sampling.seed)
+            generator.manual_seed(sampling.seed)
         else:
-            self._generator.seed()
-        with torch.inference_mode():
-            self._forward(token_ids)
-            return self._features()
+            generator.seed()
+        cache = DynamicCache(config=self.model_config)
+        logits = self._forward(cache, 0, ids)
+        self._seq = TorchSequence(cache, sampling, generator, len(ids), logits)
+        return self._features()
 
+    @torch.inference_mode()
     def decode(self, token_id: int) -> StepFeatures:
-        with torch.inference_mode():
-            self._forward([token_id])
-            return self._features()
+        seq = self._sequence("decode")
+        ids = self._check_ids([token_id])
+        seq.logits = self._forward(seq.cache, seq.position, ids)
+        seq.position += 1
+        return self._features()
 
     @torch.inference_mode()
     def sample(self) -> int:
-        logits, s = self._logits, self._sampling
+        seq = self._sequence("sample")
+        logits, s = seq.logits, seq.sampling
         if s.greedy:
             return int(logits.argmax())
         logits = logits / s.temperature
@@ -200,7 +250,26 @@ class TorchBackend(Backend):
             drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    # -- measurement ------------------------------------------------------------------------------
+
+    def peak_memory_mib(self) -> float | None:
+        if self._device.type != "cuda":
+            return None  # the CPU allocator keeps no peak; the process's RSS says it
+        return torch.cuda.max_memory_allocated(self._device) / 2**20
+
+    def time_sae_encode(self, sae: SAE, k: int, min_seconds: float = 0.3) -> float | None:
+        device_sae = TorchSAE(sae, self._device)
+        x = np.random.default_rng(0).standard_normal((1, sae.d_model)).astype(np.float32)
+        residual = torch.from_numpy(x).to(device=self._device, dtype=self.dtype)
+
+        @torch.inference_mode()
+        def step() -> None:
+            indices, values = device_sae.top_k(residual, k)
+            indices.cpu().numpy(), values.cpu().numpy()
+
+        return median_seconds(step, min_seconds)
 
     # -- batch statistics and reference -----------------------------------------------------------
 
@@ -216,10 +285,8 @@ class TorchBackend(Backend):
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(list(seq), device=self._device)
             mask[row, : len(seq)] = 1
-        hook = self._hooks[layer]
         self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        acts = self._saes[layer].encode(hook.captured).flatten(0, 1)  # [B*T, width]
-        hook.captured = None
+        acts = self._saes[layer].encode(self._hooks[layer].take()).flatten(0, 1)  # [B*T, width]
         real = mask.clone()
         real[:, 0] = 0  # BOS is out of distribution for these SAEs
         real = real.flatten().bool()
@@ -255,15 +322,43 @@ class TorchBackend(Backend):
     def forward_reference(
         self, token_ids: Sequence[int], layers: Sequence[int]
     ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        ids = self._check_ids(token_ids)
+        for layer in layers:
+            self._check_layer(layer)
         hooks = {layer: self._hook(layer) for layer in layers}
         was_capturing = {layer: h.capture for layer, h in hooks.items()}
         for h in hooks.values():
             h.capture = True
         try:
-            ids = torch.tensor([list(token_ids)], device=self._device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0].float().cpu().numpy()
-            residuals = {layer: h.captured[0].float().cpu().numpy() for layer, h in hooks.items()}
+            tokens = torch.tensor([ids], device=self._device)
+            logits = self.model(input_ids=tokens, use_cache=False).logits[0].float().cpu().numpy()
+            residuals = {layer: h.take()[0].float().cpu().numpy() for layer, h in hooks.items()}
         finally:
             for layer, h in hooks.items():
                 h.capture, h.captured = was_capturing[layer], None
         return residuals, logits
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def _sequence(self, what: str) -> TorchSequence:
+        if self._seq is None:
+            raise RuntimeError(f"{what}() before prefill(): start a sequence with prefill().")
+        return self._seq
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self._info.num_layers:
+            raise ConfigError(
+                f"Layer {layer} does not exist: this model has layers 0..{self._info.num_layers - 1}."
+            )
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ConfigError("Give at least one token.")
+        bad = [t for t in ids if not 0 <= t < self._info.vocab_size]
+        if bad:
+            raise ConfigError(
+                f"Token id {bad[0]} is outside this model's vocabulary (0..{self._info.vocab_size - 1}); "
+                "was the prompt tokenized for another model?"
+            )
+        return ids
