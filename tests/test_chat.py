@@ -60,3 +60,24 @@ def test_stop_strings_hold_back_possible_prefixes():
     stops.push("EN")
     assert stops.flush() == "EN"
     assert StopStrings([]).push("anything") == ("anything", False)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_streaming_decoder_equals_the_window_diff_and_keeps_special_token_rules(tokenizer, skip):
+    """DecodeStream (the fast path) gives the same pieces as the old two-decodes-per-token
+    window diff, and special tokens are shown or skipped as asked."""
+    from neuroscope.chat import IncrementalDecoder
+
+    class SlowOnly:  # the tokenizer without its Rust backend: the fallback path
+        def __init__(self, inner):
+            self.decode = inner.decode
+
+    ids = tokenizer.encode_chat([{"role": "user", "content": "naïve café – 東京 🎉 and more"}])
+    fast = tokenizer.decoder(skip_special_tokens=skip)
+    slow = IncrementalDecoder(SlowOnly(tokenizer.tokenizer), skip_special_tokens=skip)
+    assert fast._fast is not None and slow._fast is None
+    fast_pieces = [fast.push(t) for t in ids]
+    assert fast_pieces == [slow.push(t) for t in ids]
+    whole = "".join(fast_pieces)
+    assert whole == tokenizer.tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("<start_of_turn>" in whole) is not skip

@@ -176,3 +176,83 @@ def test_dummy_weights_build_from_config(tmp_path, tiny_model):
     b = TorchBackend.load(resolved.path, dummy_weights=True)
     residuals, logits = b.forward_reference([2, 10, 11, 12], [1])
     assert logits.shape == (4, 512) and np.isfinite(logits).all() and residuals[1].std() > 0
+
+
+def test_bad_settings_and_calls_out_of_order_are_refused(tiny_model, tiny_sae) -> None:
+    """The same checks as the MLX backend, each with a message that says what to do."""
+    from neuroscope.errors import ConfigError
+    from neuroscope_torch import TorchBackend
+
+    b = TorchBackend.load(tiny_model, dtype="float32")
+    with pytest.raises(RuntimeError, match=r"decode\(\) before prefill\(\)"):
+        b.decode(5)
+    with pytest.raises(RuntimeError, match=r"sample\(\) before prefill\(\)"):
+        b.sample()
+    sae = load_local(tiny_sae["npz"])
+    with pytest.raises(ConfigError, match="top_k must be between 1 and the SAE width 128"):
+        b.set_saes({TINY_LAYER: sae}, top_k=129)
+    with pytest.raises(ConfigError, match="Layer 4 does not exist"):
+        b.set_saes({4: sae}, top_k=8)
+    hidden = b.info.hidden_size
+    with pytest.raises(ConfigError, match="Layer -1 does not exist"):
+        b.set_steering(-1, np.zeros(hidden, np.float32))
+    with pytest.raises(ConfigError, match=f"{hidden} finite numbers"):
+        b.set_steering(TINY_LAYER, np.full(hidden, np.nan, np.float32))
+    with pytest.raises(ConfigError, match=f"{hidden} finite numbers"):
+        b.set_steering(TINY_LAYER, np.zeros(hidden + 1, np.float32))
+    with pytest.raises(ConfigError, match="outside this model's vocabulary"):
+        b.prefill([2, 512], SamplingParams(temperature=0))
+    with pytest.raises(ConfigError, match="at least one token"):
+        b.prefill([], SamplingParams(temperature=0))
+    # nothing half-set: the refused calls left the backend usable
+    b.set_saes({TINY_LAYER: sae}, top_k=128)
+    assert b.prefill([2, 10, 11], SamplingParams(temperature=0))[TINY_LAYER].indices.shape == (
+        3,
+        128,
+    )
+
+
+def test_a_generation_uses_no_deprecated_transformers_api(backend, tiny_model) -> None:
+    """Fails on any FutureWarning/DeprecationWarning that transformers raises while Neuroscope
+    drives it (the cache argument was renamed, its old name removed in 5.40), or on its logged
+    deprecation notices, so the next removal is caught before it breaks users."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from neuroscope.generation import RecordBuilder, generate
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = hf_logging.get_logger("transformers")
+    hf_logger.addHandler(handler)
+    tokenizer = ChatTokenizer(tiny_model)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Hello there"}])
+    builder = RecordBuilder(sae_ids={TINY_LAYER: "tiny"}, top_k=8)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            events = list(
+                generate(
+                    backend,
+                    tokenizer,
+                    builder,
+                    ids,
+                    request_id="r",
+                    max_tokens=4,
+                    sampling=SamplingParams(temperature=0),
+                )  # fmt: skip
+            )
+    finally:
+        hf_logger.removeHandler(handler)
+    assert len(events) > 4
+    ours = [
+        w for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning))
+        and "transformers" in (w.filename + str(w.message))
+    ]  # fmt: skip
+    assert not ours, [str(w.message) for w in ours]
+    notices = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not notices, notices
