@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from neuroscope.cache import cache_dir, slug, write_json_atomic
-from neuroscope.errors import ConfigError, ModelLoadError
+from neuroscope.errors import ConfigError, ModelLoadError, SAEError
 
 DEFAULT_MODEL = "google/gemma-2-2b-it"
 LoadFormat = Literal["auto", "dummy"]
@@ -156,3 +157,123 @@ def _dummy_folder(model: str) -> Path:
             build_tokenizer(folder)
     write_json_atomic(folder / "config.json", config)
     return folder
+
+
+# ---- does the SAE fit the model? (checked before any weights load) ------------------------------
+
+# Gemma Scope's residual SAEs by base model: their input width, known without a download.
+_GEMMA_SCOPE_D_IN = {"2b": 2304, "9b": 3584, "27b": 4608}
+_SAE_OPTIONS = (
+    "Pass an SAE trained on this model: --sae REPO --sae-path PATH (a Hub repo; '{layer}' in the "
+    "path is filled in) or --sae-local-path PATH (a params.npz or a SAELens folder); in Python, "
+    "Session(sae=, sae_path=, sae_local_path=)."
+)
+
+
+def model_hidden_size(folder: Path) -> int | None:
+    """``hidden_size`` from a model folder's config.json (a multimodal one nests it), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("hidden_size"), int):
+            return int(section["hidden_size"])
+    return None
+
+
+def _npz_d_in(path: Path) -> int | None:
+    """W_enc's first dimension, read from the .npz member's header without loading the array."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n in ("W_enc.npy", "w_enc.npy"))
+            with archive.open(member) as f:
+                version = npy.read_magic(f)
+                read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape = read(f)[0]
+    except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
+        return None  # the SAE loader gives the precise error
+    return int(shape[0]) if len(shape) == 2 else None
+
+
+def _saelens_d_in(cfg_path: Path) -> int | None:
+    try:
+        d_in = json.loads(cfg_path.read_text(encoding="utf-8")).get("d_in")
+    except (OSError, ValueError):
+        return None
+    return int(d_in) if isinstance(d_in, int) else None
+
+
+def _local_sae_d_in(path: Path) -> int | None:
+    if path.is_dir():
+        return _saelens_d_in(path / "cfg.json")
+    return _npz_d_in(path) if path.is_file() else None
+
+
+def _hub_sae_d_in(repo: str, path: str) -> int | None:
+    """Gemma Scope's width from its repo name; a SAELens cfg.json only if already in the HF cache."""
+    name = repo.rsplit("/", 1)[-1]
+    if name.startswith("gemma-scope-") and "-pt-" in name:
+        size = name.removeprefix("gemma-scope-").split("-", 1)[0]
+        if size in _GEMMA_SCOPE_D_IN:
+            return _GEMMA_SCOPE_D_IN[size]
+    if path.endswith(".npz"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, f"{path.strip('/')}/cfg.json".lstrip("/"))
+    return _saelens_d_in(Path(cached)) if isinstance(cached, str) else None
+
+
+def _per_layer(value: str | Sequence[str] | None, count: int) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * count
+    return list(value) if len(value) == count else [None] * count  # Session reports the mismatch
+
+
+def check_sae_fits(
+    resolved: ResolvedModel,
+    layers: Sequence[int],
+    *,
+    sae: str,
+    sae_path: str | Sequence[str] | None = None,
+    sae_local_path: str | Sequence[str] | None = None,
+) -> None:
+    """Refuse an SAE whose input width is not the model's hidden size, before weights load.
+
+    Loading a model takes seconds to minutes; finding then that the SAE (often the Gemma Scope
+    default, given no SAE option) reads vectors of another size wastes them. The width comes from
+    what is cheap to read: a SAELens cfg.json, a .npz member's header, Gemma Scope's repo name.
+    When it cannot be known without a download, the full load checks it later.
+    """
+    from neuroscope.sae import DEFAULT_SAE_REPO, resolve_sae_path, sae_id_for
+
+    hidden = model_hidden_size(resolved.path)
+    if hidden is None:
+        return
+    paths = _per_layer(sae_path, len(layers))
+    locals_ = _per_layer(sae_local_path, len(layers))
+    for layer, path, local in zip(layers, paths, locals_, strict=True):
+        if local:
+            local = local.format(layer=layer) if "{layer}" in local else local
+            where = str(Path(local).expanduser())
+            d_in = _local_sae_d_in(Path(where))
+        elif resolved.dummy_weights and not path:
+            continue  # a random SAE of the model's width is made
+        else:
+            inner = resolve_sae_path(path, layer, sae)
+            where, d_in = sae_id_for(sae, inner), _hub_sae_d_in(sae, inner)
+        if d_in is None or d_in == hidden:
+            continue
+        default = "" if (sae != DEFAULT_SAE_REPO or path or local) else (
+            f" No SAE option was given, so the default ({DEFAULT_SAE_REPO}, made for Gemma 2 2B) "
+            "was chosen."
+        )  # fmt: skip
+        raise SAEError(
+            f"The SAE {where} reads vectors of size {d_in}, but {resolved.name} has hidden size "
+            f"{hidden}: they do not fit.{default} {_SAE_OPTIONS} Nothing was loaded."
+        )

@@ -57,3 +57,64 @@ def test_dummy_preset_has_real_shapes_and_a_tokenizer():
     with pytest.raises(ConfigError, match="preset"):
         resolve_model("no-such-preset", load_format="dummy")
     assert "gemma-2-2b" in PRESETS
+
+
+# ---- the SAE must fit the model, checked before weights load ---------------------------------------
+
+
+@pytest.fixture
+def no_backend(monkeypatch):
+    """Fail the test if Session gets as far as loading a backend (the model's weights)."""
+    import neuroscope.session
+
+    def refuse(name):
+        raise AssertionError(f"the {name} backend was loaded before the SAE was checked")
+
+    monkeypatch.setattr(neuroscope.session, "load_backend_class", refuse)
+
+
+def test_the_default_gemma_scope_sae_on_another_model_fails_before_loading(tiny_model, no_backend):
+    from neuroscope import Session
+    from neuroscope.errors import SAEError
+
+    with pytest.raises(SAEError) as raised:
+        Session(model=str(tiny_model))  # hidden size 64; Gemma Scope 2B reads 2304
+    message = str(raised.value)
+    assert "size 2304" in message and "hidden size 64" in message
+    assert "No SAE option was given" in message and "google/gemma-scope-2b-pt-res" in message
+    for option in ("--sae-local-path", "--sae-path", "--sae "):
+        assert option in message
+
+
+@pytest.mark.parametrize("kind", ["npz", "saelens"])
+def test_a_local_sae_of_another_width_fails_before_loading(tiny_model, tmp_path, no_backend, kind):
+    from neuroscope import Session
+    from neuroscope.errors import SAEError
+    from neuroscope.synthetic import build_random_sae
+
+    narrow = build_random_sae(tmp_path, d_model=32, width=16)[kind]
+    with pytest.raises(SAEError, match="size 32, but .* has hidden size 64") as raised:
+        Session(model=str(tiny_model), sae_local_path=str(narrow), layer=1)
+    assert "No SAE option was given" not in str(raised.value)
+
+
+def test_an_sae_that_fits_passes_the_check(tiny_model, tiny_sae):
+    from neuroscope.loading import check_sae_fits, model_hidden_size, resolve_model
+
+    resolved = resolve_model(str(tiny_model))
+    assert model_hidden_size(resolved.path) == 64
+    for kind in ("npz", "saelens"):
+        check_sae_fits(resolved, [1, 2], sae="unused/repo", sae_local_path=str(tiny_sae[kind]))
+    # Dummy weights with no SAE named get a random SAE of the model's width: nothing to check.
+    check_sae_fits(resolve_model("gemma-2-2b", "dummy"), [20], sae="google/gemma-scope-2b-pt-res")
+
+
+def test_serve_with_a_non_gemma_model_and_no_sae_option_says_what_to_pass(tiny_model, no_backend):
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_model), "--port", "0"])
+    assert result.exit_code == 1, result.output
+    assert "--sae-local-path" in result.output and "hidden size 64" in result.output
+    assert "Traceback" not in result.output
