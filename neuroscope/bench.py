@@ -22,8 +22,8 @@ given from the fastest step instead of the median ("best"): the speed of an unco
 is what a quiet machine would show. Decoding is greedy and stop tokens are ignored, so every run
 generates exactly the number of tokens asked for.
 
-Backend-neutral: tensors are imported only inside the two helpers that need a device
-(``measure_sae_encode``, ``device_peak_memory``), and only for the backend in use.
+Backend-neutral: what needs the device (timing an SAE encode alone, the allocator's peak memory)
+is asked of the backend through its protocol, so nothing here imports a tensor library.
 """
 
 from __future__ import annotations
@@ -264,75 +264,50 @@ class HubFanOut:
         self._loop.close()
 
 
-# -- device-side figures (the only code here that touches tensors) ---------------------------------
+# -- host- and device-side figures -----------------------------------------------------------------
 
 
-def measure_sae_encode(session: Any, layer: int, min_seconds: float = 0.3) -> float:
-    """Seconds per token of one SAE's encode + top-k + copy of the top-k to the host, in isolation.
-
-    Runs the backend's own SAE code on a random residual of the model's dtype; the median over
-    repetitions. Backends other than torch and mlx fall back to the decode-time difference.
-    """
-    import numpy as np
-
-    backend, sae = session.backend, session.saes[layer]
+def measure_sae_encode(session: Any, layer: int, min_seconds: float = 0.3) -> float | None:
+    """Seconds per token of one SAE's encode + top-k + copy of the top-k to the host, in isolation:
+    the backend times its own SAE code (``Backend.time_sae_encode``); None where it cannot."""
+    sae = session.saes[layer]
     k = min(session.builder.backend_top_k, sae.width)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, sae.d_model)).astype(np.float32)
-    if backend.name == "torch":
-        import torch
+    return session.backend.time_sae_encode(sae, k, min_seconds)  # type: ignore[no-any-return]
 
-        from neuroscope_torch.sae import TorchSAE
 
-        device = torch.device(backend.device)
-        device_sae = TorchSAE(sae, device)
-        residual = torch.from_numpy(x).to(device=device, dtype=backend.dtype)
+@dataclass(frozen=True)
+class RecordCost:
+    """Host time per feature record, from one prefill's top-k: filter, label, build, encode."""
 
-        def step() -> None:
-            with torch.inference_mode():
-                indices, values = device_sae.top_k(residual, k)
-                indices.cpu().numpy(), values.cpu().numpy()
+    records: int  # per repetition (prompt positions x hooked layers)
+    median_us: float
+    best_us: float
 
-    elif backend.name == "mlx":
-        import mlx.core as mx
 
-        from neuroscope_mlx.sae import MLXSAE
+def measure_record_cost(
+    session: Any, prompt_ids: Sequence[int], min_seconds: float = 0.5
+) -> RecordCost:
+    """The per-token path on the host: ``prompt_records`` (streaming detokenisation, the filter
+    over all rows at once, labels, ``TokenFeatures``) and each record's wire encoding (what the hub
+    sends), timed over the records of one prompt whose top-k was computed once beforehand."""
+    from neuroscope.generation import prompt_records
 
-        device_sae = MLXSAE(sae)
-        residual = mx.array(x).astype(backend.dtype)
-        mx.eval(residual)
-
-        def step() -> None:
-            indices, values = device_sae.top_k(residual, k)
-            mx.eval(indices, values)
-            np.array(indices), np.array(values)
-
-    else:
-        raise NotImplementedError(backend.name)
-    for _ in range(3):
-        step()
-    times = []
+    features = session.backend.prefill(prompt_ids, GREEDY)
+    times: list[float] = []
+    count = 0
     deadline = time.perf_counter() + min_seconds
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def device_peak_memory(session: Any) -> float | None:
-    """Peak memory the backend's device allocator reports, in MiB (None where it reports none)."""
-    backend = session.backend
-    if backend.name == "torch" and backend.device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    if backend.name == "mlx":
-        import mlx.core as mx
-
-        peak = mx.get_peak_memory()
-        return peak / 2**20 if peak else None
-    return None
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        count = 0
+        for record in prompt_records(
+            session.builder, session.tokenizer, "bench", prompt_ids, features, None,
+            session.report_bos,
+        ):  # fmt: skip
+            record.to_json_bytes()
+            count += 1
+        times.append(time.perf_counter() - start)
+    per = [t / max(count, 1) * 1e6 for t in times]
+    return RecordCost(count, statistics.median(per), min(per))
 
 
 def peak_rss_mib() -> float:
@@ -364,7 +339,8 @@ def write_random_sae(
     d_model = int(config.get("text_config", config)["hidden_size"])
     path = os.path.join(folder, f"random-jumprelu-{width}", "params.npz")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, **random_sae_arrays(d_model, width, seed=0))
+    arrays: dict[str, Any] = random_sae_arrays(d_model, width, seed=0)
+    np.savez(path, **arrays)
     return path
 
 
@@ -411,7 +387,7 @@ class ModeFigures:
     prefill_tps: float
     ttft_s: float
     records_per_run: int
-    runs: list[dict[str, float]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # prefill_s, ttft_s, step_s (a list)
 
     @classmethod
     def of(cls, runs: Sequence[RunTiming]) -> ModeFigures:
@@ -453,7 +429,10 @@ class BenchReport:
     hub_overhead_ratio_best: float | None
     hub_events_per_subscriber: int | None
     hub_dropped: int | None
-    sae_encode_ms_per_token: float
+    sae_encode_ms_per_token: float | None  # None where the backend cannot time it alone
+    record_us: float  # host time per feature record (build + encode), median
+    record_us_best: float
+    records_timed: int  # records per timed repetition (prompt positions x hooked layers)
     peak_rss_mib: float
     peak_device_mib: float | None
     machine: dict[str, Any]
@@ -474,6 +453,8 @@ class BenchReport:
             "ttft_s_plain": plain.ttft_s,
             "ttft_s_sae": sae.ttft_s,
             "sae_encode_ms_per_token": self.sae_encode_ms_per_token,
+            "record_us": self.record_us,
+            "record_us_best": self.record_us_best,
             "peak_rss_mib": self.peak_rss_mib,
             "overhead_pct": (self.overhead_ratio - 1) * 100,
             "hub_overhead_pct": (
@@ -556,6 +537,8 @@ def run_bench(
                 )
         log("SAE encode micro-benchmark")
         encode_s = measure_sae_encode(session, layer)
+        log("record building and encoding")
+        record_cost = measure_record_cost(session, prompt_ids)
     finally:
         set_instrumented(session, True)
         if fan_out is not None:
@@ -595,9 +578,12 @@ def run_bench(
         ),
         hub_events_per_subscriber=min(fan_out.received) if fan_out else None,
         hub_dropped=sum(fan_out.dropped) if fan_out else None,
-        sae_encode_ms_per_token=encode_s * 1000,
+        sae_encode_ms_per_token=encode_s * 1000 if encode_s is not None else None,
+        record_us=record_cost.median_us,
+        record_us_best=record_cost.best_us,
+        records_timed=record_cost.records,
         peak_rss_mib=peak_rss_mib(),
-        peak_device_mib=device_peak_memory(session),
+        peak_device_mib=session.backend.peak_memory_mib(),
         machine=machine_info(),
     )
 
@@ -663,7 +649,13 @@ def format_table(report: BenchReport) -> str:
             if r.hub_overhead_ratio is not None and r.hub_overhead_ratio_best is not None
             else ""
         ),
-        f"SAE encode + top-k + copy to host: {r.sae_encode_ms_per_token:.3f} ms per token",
+        (
+            f"SAE encode + top-k + copy to host: {r.sae_encode_ms_per_token:.3f} ms per token"
+            if r.sae_encode_ms_per_token is not None
+            else "SAE encode: this backend cannot time it alone"
+        ),
+        f"feature records on the host (filter, labels, build, JSON): {r.record_us:.1f} µs per "
+        f"record typical, {r.record_us_best:.1f} µs best ({r.records_timed} records of the prompt)",
         f"peak memory: {r.peak_rss_mib:,.0f} MiB resident"
         + (f", {r.peak_device_mib:,.0f} MiB on the device" if r.peak_device_mib else ""),
     ]
@@ -682,6 +674,7 @@ __all__ = [
     "check_arguments",
     "fixed_length_tokenizer",
     "machine_info",
+    "measure_record_cost",
     "measure_sae_encode",
     "run_bench",
     "run_once",

@@ -17,6 +17,7 @@ from neuroscope.backend import Backend, LayerTopK, SamplingParams, StepFeatures
 from neuroscope.chat import ChatTokenizer, StopStrings
 from neuroscope.filters import FeatureFilter, FilterPlan
 from neuroscope.records import Feature, FinishReason, GenerationComplete, Phase, TokenFeatures
+from neuroscope.steering import CompiledSteering, MonitorEvent, MonitorWatch
 
 NO_FILTER = FeatureFilter()
 
@@ -28,7 +29,7 @@ class TextDelta:
     text: str
 
 
-Event = TextDelta | TokenFeatures | GenerationComplete
+Event = TextDelta | TokenFeatures | GenerationComplete | MonitorEvent
 
 
 @runtime_checkable
@@ -100,34 +101,32 @@ class RecordBuilder:
         # Rounded here, as the wire shows them: short JSON numbers, and the same value in Python.
         acts = np.round(out.activations.astype(np.float64), 6).tolist()
         indices, counts = out.indices.tolist(), out.counts.tolist()
-        surprise = None if out.surprise is None else np.round(out.surprise, 6).tolist()
+        surprise = (
+            None if out.surprise is None else np.round(out.surprise.astype(np.float64), 6).tolist()
+        )
         filtered = [None] * len(counts) if out.filtered is None else out.filtered.tolist()
-        label, sae = self.labels, self.sae_ids[layer]
+        # One label lookup per distinct feature of the call (a prompt repeats many), made now so
+        # labels that arrive later (a live source) show in the next call's records.
+        shown = np.arange(out.indices.shape[1]) < out.counts[:, None]
+        label = self.labels
+        names = {i: label(layer, i) for i in np.unique(out.indices[shown]).tolist()}
+        sae = self.sae_ids[layer]
         records = []
         for r, n in enumerate(counts):
             idx, act = indices[r][:n], acts[r][:n]
             if surprise is None:
-                features = [Feature(i, a, label(layer, i)) for i, a in zip(idx, act, strict=True)]
+                features = [Feature(i, a, names[i]) for i, a in zip(idx, act, strict=True)]
             else:
                 features = [
-                    Feature(i, a, label(layer, i), s)
+                    Feature(i, a, names[i], s)
                     for i, a, s in zip(idx, act, surprise[r], strict=False)
                 ]
             records.append(
                 TokenFeatures(
-                    request_id,
-                    positions[r],
-                    phase,
-                    tokens[r],
-                    token_ids[r],
-                    layer,
-                    sae,
-                    features,
-                    token_indices[r],
-                    next_tokens[r],
-                    filtered[r],
-                )  # fmt: skip
-            )
+                    request_id, positions[r], phase, tokens[r], token_ids[r], layer, sae, features,
+                    token_indices[r], next_tokens[r], filtered[r],
+                )
+            )  # fmt: skip
         return records
 
     def build(
@@ -199,9 +198,16 @@ def generate(
     stop: Sequence[str] = (),
     report_bos: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
+    steering: CompiledSteering | None = None,
 ) -> Iterator[Event]:
-    """Run one request: prompt records, then per generated token its text and its records."""
-    features = backend.prefill(prompt_ids, sampling)
+    """Run one request: prompt records, then per generated token its text and its records.
+
+    ``steering`` (compiled for this prompt) is handed to the backend with the prompt and lives
+    as long as this sequence; its monitors yield a ``MonitorEvent`` after the record of the position
+    where they fire, and a ``stop`` monitor ends the generation there (finish reason ``monitor``).
+    """
+    features = backend.prefill(prompt_ids, sampling, steering)
+    monitors = MonitorWatch(steering, request_id) if steering and steering.monitors else None
     decoder = tokenizer.decoder()
     stops = StopStrings(stop)
 
@@ -218,6 +224,15 @@ def generate(
 
     finish: FinishReason = "length"
     completion = 0
+    if monitors is not None and monitors.wants_prompt():
+        prompt_decoder = tokenizer.decoder(skip_special_tokens=False)
+        texts = [prompt_decoder.push(int(t)) for t in prompt_ids]
+        skip = 0 if report_bos or prompt_ids[0] != tokenizer.bos_token_id else 1
+        for event in monitors.check(features, 0, texts, prompt=True, skip=skip):
+            yield event
+            if event.action == "stop":
+                finish, max_tokens = "monitor", 0  # no generation at all
+                break
     for i in range(max_tokens):
         if token in tokenizer.stop_token_ids:
             finish = "stop"
@@ -239,6 +254,12 @@ def generate(
                 request_id, layer, topk, slice(0, 1), positions=[position], phase="generation",
                 token_ids=[token], tokens=[text], next_tokens=[nxt_text], token_indices=[i],
             )  # fmt: skip
+        if monitors:
+            events = monitors.check(features, position, [text])
+            yield from events
+            if any(e.action == "stop" for e in events):
+                finish = "monitor"
+                break
         if stopped:
             finish = "stop"
             break

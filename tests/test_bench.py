@@ -52,6 +52,7 @@ def report(tiny_model, tiny_sae, tmp_path_factory) -> dict:
     )
     assert result.exit_code == 0, result.output
     assert "instrumentation overhead" in result.stdout
+    assert "µs per record" in result.stdout
     return json.loads(out.read_text())
 
 
@@ -61,6 +62,7 @@ def test_summary_has_every_figure(report: dict) -> None:
     for key in (
         "decode_tps_plain", "decode_tps_sae", "decode_tps_hub", "prefill_tps_plain",
         "prefill_tps_sae", "ttft_s_plain", "ttft_s_sae", "sae_encode_ms_per_token", "peak_rss_mib",
+        "record_us", "record_us_best",
     ):  # fmt: skip
         assert _positive(summary[key]), (key, summary[key])
     assert summary["decode_tps_plain_best"] >= summary["decode_tps_plain"]

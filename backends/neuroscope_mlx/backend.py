@@ -25,6 +25,7 @@ from neuroscope.backend import (
     ModelInfo,
     SamplingParams,
     StepFeatures,
+    median_seconds,
 )
 from neuroscope.errors import ConfigError
 from neuroscope.sae import SAE
@@ -32,11 +33,15 @@ from neuroscope_mlx.hooks import install_hooks
 from neuroscope_mlx.loading import load_folder, resolve_dtype
 from neuroscope_mlx.sae import MLXSAE, top_k
 from neuroscope_mlx.sampling import sample_token
+from neuroscope_mlx.steering import SequenceSteering
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-TopK = dict[int, tuple[mx.array, mx.array]]  # layer -> (indices, activations), on the device
+    from neuroscope.steering import CompiledSteering
+
+# layer -> (indices, activations, watched activations or None), on the device
+TopK = dict[int, tuple[mx.array, mx.array, mx.array | None]]
 
 
 @dataclass
@@ -49,6 +54,8 @@ class MLXSequence:
     key: mx.array  # the PRNG key, split at each non-greedy draw
     logits: mx.array  # float32 [vocab], of the last position (lazy until the step is evaluated)
     next_token: mx.array | None = None
+    position: int = 0  # tokens in the cache
+    steering: SequenceSteering | None = None  # this sequence's steering and monitors
 
 
 class MLXBackend(Backend):
@@ -135,37 +142,47 @@ class MLXBackend(Backend):
 
     # --- generation ----------------------------------------------------------------------
 
-    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> StepFeatures:
         ids = self._check_ids(token_ids)
         self._seq = None
         cache = make_prompt_cache(self.model)
+        steer = None if steering is None else SequenceSteering(steering, self._saes)
         # All but the last token: fill the cache; their logits are never evaluated (nor computed).
         steps = []
         body = ids[:-1]
         for start in range(0, len(body), self.prefill_step):
-            self.model(mx.array([body[start : start + self.prefill_step]]), cache=cache)
-            features = self._features()
+            self._run(cache, body[start : start + self.prefill_step], start, steer)
+            features = self._features(steer, start)
             mx.eval(features, [c.state for c in cache])
             steps.append(self._to_host(features))
         key = mx.random.key(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-        logits = self._last_logits(cache, ids[-1:])
-        self._seq = MLXSequence(cache, sampling, key, logits)
-        steps.append(self._finish_step(self._seq))
+        logits = self._last_logits(cache, ids[-1:], len(body), steer)
+        self._seq = MLXSequence(cache, sampling, key, logits, position=len(ids), steering=steer)
+        steps.append(self._finish_step(self._seq, len(body)))
         self.last_residuals = {
             layer: np.concatenate([s[1][layer] for s in steps]) for layer in self._recorded
         }
+        watched = {layer: [s[0][layer].watched for s in steps] for layer in self._saes}
         return {
             layer: LayerTopK(
                 indices=np.concatenate([s[0][layer].indices for s in steps]),
                 activations=np.concatenate([s[0][layer].activations for s in steps]),
+                watched=None if watched[layer][0] is None else np.concatenate(watched[layer]),
             )
             for layer in self._saes
         }
 
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")
-        seq.logits = self._last_logits(seq.cache, self._check_ids([token_id]))
-        features, residuals = self._finish_step(seq)
+        first = seq.position
+        seq.logits = self._last_logits(seq.cache, self._check_ids([token_id]), first, seq.steering)
+        seq.position += 1
+        features, residuals = self._finish_step(seq, first)
         self.last_residuals = residuals
         return features
 
@@ -180,14 +197,42 @@ class MLXBackend(Backend):
         """The float32 logits [vocab] that sample() reads (for tests and debugging)."""
         return np.array(self._sequence("last_logits").logits)
 
-    def _last_logits(self, cache: list[Any], ids: list[int]) -> mx.array:
-        """The (lazy) float32 logits of the last of ``ids``, run through ``cache``."""
-        return self.model(mx.array([ids]), cache=cache)[0, -1].astype(mx.float32)
+    def _run(
+        self, cache: list[Any], ids: list[int], first: int, steering: SequenceSteering | None
+    ) -> mx.array:
+        """Build the (lazy) forward graph of ``ids`` at positions from ``first``: the logits.
 
-    def _finish_step(self, seq: MLXSequence) -> tuple[StepFeatures, dict[int, np.ndarray]]:
+        A request's steering joins the graph through the hooks' ``edit``, which is set only
+        while the graph is built.
+        """
+        edited = []
+        if steering is not None:
+            for layer in steering.layers:
+                hook = self._hooks[layer]
+                hook.edit = lambda h, layer=layer: steering.apply(layer, h, first)
+                edited.append(hook)
+        try:
+            return self.model(mx.array([ids]), cache=cache)
+        finally:
+            for hook in edited:
+                hook.edit = None
+
+    def _last_logits(
+        self,
+        cache: list[Any],
+        ids: list[int],
+        first: int = 0,
+        steering: SequenceSteering | None = None,
+    ) -> mx.array:
+        """The (lazy) float32 logits of the last of ``ids``, run through ``cache``."""
+        return self._run(cache, ids, first, steering)[0, -1].astype(mx.float32)
+
+    def _finish_step(
+        self, seq: MLXSequence, first: int
+    ) -> tuple[StepFeatures, dict[int, np.ndarray]]:
         """Sample the next token from the step's logits and take its features, in one evaluation."""
         seq.next_token = self._draw(seq)
-        features = self._features()
+        features = self._features(seq.steering, first)
         mx.eval(seq.next_token, seq.logits, features)
         return self._to_host(features)
 
@@ -203,6 +248,25 @@ class MLXBackend(Backend):
             raise RuntimeError(f"{what}() before prefill(): start a sequence with prefill().")
         return self._seq
 
+    # --- measurement ---------------------------------------------------------------------
+
+    def peak_memory_mib(self) -> float | None:
+        peak = mx.get_peak_memory()
+        return peak / 2**20 if peak else None
+
+    def time_sae_encode(self, sae: SAE, k: int, min_seconds: float = 0.3) -> float | None:
+        device_sae = MLXSAE(sae)
+        x = np.random.default_rng(0).standard_normal((1, sae.d_model)).astype(np.float32)
+        residual = mx.array(x).astype(self.dtype)
+        mx.eval(residual)
+
+        def step() -> None:
+            indices, values = device_sae.top_k(residual, k)
+            mx.eval(indices, values)
+            np.array(indices), np.array(values)
+
+        return median_seconds(step, min_seconds)
+
     # --- SAE features --------------------------------------------------------------------
 
     def _update_capture(self) -> None:
@@ -210,10 +274,23 @@ class MLXBackend(Backend):
             hook.capture = layer in self._saes or layer in self._recorded
             hook.captured = None
 
-    def _features(self) -> tuple[TopK, dict[int, mx.array]]:
-        """Top-k per hooked layer and recorded residuals of the last forward pass (lazy)."""
+    def _features(
+        self, steering: SequenceSteering | None = None, first: int = 0
+    ) -> tuple[TopK, dict[int, mx.array]]:
+        """Top-k per hooked layer and recorded residuals of the last forward pass (lazy).
+
+        With steering, clamped features read their value at steered positions (from ``first``)
+        and the watched features' full activations come along.
+        """
         captured = {layer: self._hooks[layer].take()[0] for layer in {*self._saes, *self._recorded}}
-        top = {layer: sae.top_k(captured[layer], self._top_k) for layer, sae in self._saes.items()}
+        top: TopK = {}
+        for layer, sae in self._saes.items():
+            if steering is None:
+                top[layer] = (*sae.top_k(captured[layer], self._top_k), None)
+                continue
+            acts = steering.pin(layer, sae.encode(captured[layer]), first)
+            watched = steering.watched(layer)
+            top[layer] = (*top_k(acts, self._top_k), None if watched is None else acts[:, watched])
         residuals = {layer: captured[layer].astype(mx.float32) for layer in self._recorded}
         return top, residuals
 
@@ -224,9 +301,11 @@ class MLXBackend(Backend):
         top, residuals = features
         host = {
             layer: LayerTopK(
-                indices=np.array(idx).astype(np.int64), activations=np.array(vals, dtype=np.float32)
+                indices=np.array(idx).astype(np.int64),
+                activations=np.array(vals, dtype=np.float32),
+                watched=None if watched is None else np.array(watched, dtype=np.float32),
             )
-            for layer, (idx, vals) in top.items()
+            for layer, (idx, vals, watched) in top.items()
         }
         return host, {layer: np.array(r) for layer, r in residuals.items()}
 
