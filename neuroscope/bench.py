@@ -123,8 +123,8 @@ class _TimedBackend:
         self.decode_starts: list[float] = []
         self.decoded: list[int] = []
 
-    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> Any:
-        return self._backend.prefill(token_ids, sampling)
+    def prefill(self, token_ids: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        return self._backend.prefill(token_ids, *args, **kwargs)
 
     def sample(self) -> int:
         token = self._backend.sample()
