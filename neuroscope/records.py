@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 Phase = Literal["prompt", "generation"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "monitor"]  # monitor: action stop
 
 
 class Feature(msgspec.Struct, omit_defaults=True, gc=False):

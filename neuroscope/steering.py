@@ -23,7 +23,7 @@ errors do (``neuroscope.steering[2].feature``), so the chat API can answer a 400
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -232,6 +232,11 @@ class CompiledSteering:
 
     start: int
     layers: Mapping[int, LayerSteering]
+    monitors: tuple[Monitor, ...] = ()
+
+    @property
+    def steers(self) -> bool:
+        return any(layer.steers for layer in self.layers.values())
 
     def watched(self, layer: int) -> tuple[int, ...]:
         steering = self.layers.get(layer)
@@ -308,7 +313,7 @@ class SteeringPlan:
             )
             for layer in sorted(set(ops) | set(watched))
         }
-        return CompiledSteering(start=self.first_steered(prompt_length), layers=layers)
+        return CompiledSteering(self.first_steered(prompt_length), layers, self.monitors)
 
     def check(self, target: SteeringTarget, param: str = "") -> None:
         """Raise ``SteeringError`` (with ``param`` paths under ``param``) unless the loaded model
@@ -386,6 +391,53 @@ def _check_feature(layer: int, feature: int, target: SteeringTarget, where: str,
             f"{width - 1}).",
             f"{where}.feature",
         )
+
+
+class MonitorWatch:
+    """One request's monitors as generation runs: each fires at most once, at the first position
+    where its feature's activation exceeds ``above``."""
+
+    def __init__(self, compiled: CompiledSteering, request_id: str):
+        self.request_id = request_id
+        # (monitor, its column in LayerTopK.watched) for the monitors that have not fired yet
+        self.pending = [(m, compiled.watched(m.layer).index(m.feature)) for m in compiled.monitors]
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def wants_prompt(self) -> bool:
+        return any(m.phase == "all" for m, _ in self.pending)
+
+    def check(
+        self,
+        features: Mapping[int, Any],
+        first: int,
+        tokens: Sequence[str],
+        prompt: bool = False,
+        skip: int = 0,
+    ) -> list[MonitorEvent]:
+        """Events for the positions ``first``, ``first + 1``, ... whose rows ``features``
+        (``StepFeatures``) holds, in position order; rows before ``skip`` are not watched."""
+        fired: list[tuple[int, int, MonitorEvent]] = []
+        still = []
+        for order, (monitor, column) in enumerate(self.pending):
+            watched = features[monitor.layer].watched
+            if (prompt and monitor.phase != "all") or watched is None:
+                still.append((monitor, column))
+                continue
+            values = watched[skip:, column]
+            hits = np.flatnonzero(values > monitor.above)
+            if not len(hits):
+                still.append((monitor, column))
+                continue
+            row = skip + int(hits[0])
+            event = MonitorEvent(
+                self.request_id, first + row, tokens[row], monitor.layer, monitor.feature,
+                float(watched[row, column]), monitor.action,
+            )  # fmt: skip
+            fired.append((row, order, event))
+        self.pending = still
+        return [event for _, _, event in sorted(fired, key=lambda f: (f[0], f[1]))]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -612,6 +664,7 @@ __all__ = [
     "LayerSteering",
     "Monitor",
     "MonitorEvent",
+    "MonitorWatch",
     "SteeringError",
     "SteeringPlan",
     "SteeringTarget",

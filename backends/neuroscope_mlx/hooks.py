@@ -7,6 +7,7 @@ block, so model code that inspects its layers (``layer.use_sliding``, ``layer.is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -20,10 +21,13 @@ class LayerHook:
 
     Capturing after steering means the SAE (and forward_reference) see the residual stream the
     next block reads. Plain Python state, not module parameters, so it never enters weight trees.
+    ``edit`` is a request's steering, set only while one of its forward graphs is built (so nothing
+    of a request outlives it); ``steering`` is the session-wide ``set_steering`` vector.
     """
 
     def __init__(self) -> None:
         self.steering: mx.array | None = None
+        self.edit: Callable[[mx.array], mx.array] | None = None
         self.capture = False
         self.captured: mx.array | None = None
 
@@ -37,6 +41,8 @@ class LayerHook:
     def __call__(self, hidden: mx.array) -> mx.array:
         if self.steering is not None:
             hidden = hidden + self.steering
+        if self.edit is not None:
+            hidden = self.edit(hidden)
         if self.capture:
             self.captured = hidden
         return hidden
