@@ -188,7 +188,7 @@ def load_backend_class(name: str) -> type[Backend]:
     except ImportError as e:
         raise BackendUnavailable(
             f"The {name} backend needs packages that are not installed ({e.name or e}). "
-            f"Install them with: pip install 'neuroscope[{extra}]'"
+            f"From your clone of Neuroscope: pip install -e '.[{extra}]'"
         ) from None
     if not cls.is_available():
         raise BackendUnavailable(

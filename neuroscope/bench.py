@@ -55,8 +55,8 @@ DEFAULT_PROMPT = (
 GREEDY = SamplingParams(temperature=0.0)
 MODES = ("plain", "sae", "hub")
 VERSIONED_PACKAGES = (
-    "neuroscope", "torch", "transformers", "mlx", "mlx-lm", "numpy", "transformer-lens", "sae-lens",
-)  # fmt: skip
+    "torch", "transformers", "mlx", "mlx-lm", "numpy", "transformer-lens", "sae-lens",
+)  # fmt: skip  # and neuroscope itself, from neuroscope.__version__ (the distribution is neuroscope-sae)
 
 Log = Callable[[str], None]
 
@@ -358,7 +358,9 @@ def machine_info() -> dict[str, Any]:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         memory_gib = None
-    versions = {}
+    from neuroscope import __version__
+
+    versions = {"neuroscope": __version__}
     for name in VERSIONED_PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
