@@ -30,6 +30,8 @@ from neuroscope.sae import SAE
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from neuroscope.steering import CompiledSteering
+
 ENTRY_POINT_GROUP = "neuroscope.backends"
 EXTRA_FOR_BACKEND = {"mlx": "mlx", "torch": "torch"}
 
@@ -63,6 +65,9 @@ class LayerTopK:
 
     indices: np.ndarray  # int64 [positions, k]
     activations: np.ndarray  # float32 [positions, k]
+    # Full activations of the features a request's monitors watch, in the order of
+    # ``CompiledSteering.watched(layer)``: float32 [positions, watched]; None when none are watched.
+    watched: np.ndarray | None = None
 
 
 StepFeatures = dict[int, LayerTopK]  # layer -> top-k for the positions just processed
@@ -127,8 +132,19 @@ class Backend(ABC):
         """Add ``vector`` [hidden_size] to the residual stream after block ``layer`` (None: stop)."""
 
     @abstractmethod
-    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
-        """Start a new sequence: reset the cache and RNG, run the prompt, return its features."""
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> StepFeatures:
+        """Start a new sequence: reset the cache and RNG, run the prompt, return its features.
+
+        ``steering`` belongs to this sequence alone: it applies to its prompt and every ``decode``
+        until the next ``prefill`` (see ``neuroscope.steering``); records at a steered layer show
+        the steered residual, clamped features reading their value, and ``LayerTopK.watched``
+        carries the monitored features' activations.
+        """
 
     @abstractmethod
     def decode(self, token_id: int) -> StepFeatures:

@@ -44,6 +44,14 @@ from neuroscope.sae import (
     load_local,
     resolve_sae_path,
 )
+from neuroscope.steering import (
+    SAE_HINT_PYTHON,
+    CompiledSteering,
+    MonitorEvent,
+    SteeringPlan,
+    SteeringTarget,
+    parse_plan,
+)
 
 DUMMY_SAE_WIDTH = 16384
 
@@ -113,11 +121,14 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     records: list[TokenFeatures] = field(default_factory=list)
+    monitor_events: list[MonitorEvent] = field(default_factory=list)  # monitors that fired
 
     def __iter__(self) -> Iterator[TokenFeatures]:
         for event in self._events:
             if isinstance(event, TextDelta):
                 self.text += event.text
+            elif isinstance(event, MonitorEvent):
+                self.monitor_events.append(event)
             elif isinstance(event, GenerationComplete):
                 self.finish_reason = event.finish_reason
                 self.prompt_tokens = event.prompt_tokens
@@ -225,8 +236,10 @@ class Session:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         should_stop: Any = None,
+        steering: SteeringPlan | None = None,
     ) -> Iterator[Event]:
-        """The raw event stream of one request (text, records, completion), for servers."""
+        """The raw event stream of one request (text, records, monitor events, completion), for
+        servers. ``steering`` must have been checked against this session (``steering_target``)."""
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
         if not 0 < top_p <= 1:
@@ -238,7 +251,36 @@ class Session:
             request_id=request_id or new_request_id(), max_tokens=max_tokens,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             stop=stops, report_bos=self.report_bos, should_stop=should_stop or (lambda: False),
+            steering=self._compile(steering, len(prompt_ids)),
         )  # fmt: skip
+
+    def steering_target(self, sae_hint: str = SAE_HINT_PYTHON) -> SteeringTarget:
+        """What steering requests are checked against: this model and its SAEs."""
+        info = self.backend.info
+        return SteeringTarget(
+            hidden_size=info.hidden_size,
+            num_layers=info.num_layers,
+            sae_widths={layer: sae.width for layer, sae in self.saes.items()},
+            decoderless=frozenset(L for L, sae in self.saes.items() if sae.W_dec is None),
+            sae_hint=sae_hint,
+        )
+
+    def steering_plan(
+        self, steering: Any = None, monitors: Any = None, positions: str = "all"
+    ) -> SteeringPlan | None:
+        """Steering entries and monitors (dicts as in the chat API, or ``neuroscope.steering``
+        dataclasses) checked against this session; None when there are none.
+
+        Raises ``SteeringError`` (a ConfigError) naming the bad field, e.g. ``steering[2].feature``.
+        """
+        plan = parse_plan(steering, monitors, positions, target=self.steering_target())
+        return plan or None
+
+    def _compile(self, plan: SteeringPlan | None, prompt_length: int) -> CompiledSteering | None:
+        if not plan:
+            return None
+        decoders = {layer: sae.W_dec for layer, sae in self.saes.items()}
+        return plan.compile(decoders, prompt_length)
 
     def generate(
         self,
@@ -249,21 +291,44 @@ class Session:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         phase: str = "all",
+        steering: Sequence[Any] | SteeringPlan | None = None,
+        monitors: Sequence[Any] | None = None,
+        positions: str = "all",
     ) -> Generation:
-        """Generate a reply; iterate the result for records (prompt and generated, in position order)."""
+        """Generate a reply; iterate the result for records (prompt and generated, in position order).
+
+        ``steering``: entries applied in order, each a dict as in the chat API
+        (``{"layer": 20, "feature": 4521, "strength": 40.0}``, ``"mode": "clamp"/"ablate"``,
+        ``{"layer": 12, "vector": [...]}``) or a ``neuroscope.steering`` dataclass; ``positions``:
+        ``"all"`` (every position but the first) or ``"generation"``. ``monitors``: features to
+        watch (``{"layer", "feature", "above", "action": "flag"|"stop"}``); those that fire are in
+        the result's ``monitor_events``. See docs/steering.md.
+        """
         if phase not in ("all", "prompt", "generation"):
             raise ConfigError(f"phase must be 'all', 'prompt' or 'generation', got {phase!r}.")
+        plan = self.steering_plan(steering, monitors, positions)
         ids = self.encode(prompt_or_messages)
         events = self.events(
-            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
-        )
+            ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            steering=plan,
+        )  # fmt: skip
         return Generation(events, phase=phase)
 
-    def trace(self, text: str, request_id: str | None = None) -> list[TokenFeatures]:
-        """The prompt records of ``text`` as it stands (no chat template, no generation)."""
+    def trace(
+        self,
+        text: str,
+        request_id: str | None = None,
+        steering: Sequence[Any] | SteeringPlan | None = None,
+        positions: str = "all",
+    ) -> list[TokenFeatures]:
+        """The prompt records of ``text`` as it stands (no chat template, no generation), with
+        ``steering`` applied as in ``generate``."""
+        plan = self.steering_plan(steering, None, positions)
         ids = self.tokenizer.encode_text(text)
         self.check_length(ids[:-1], 1)
-        features = self.backend.prefill(ids, SamplingParams(temperature=0.0))
+        features = self.backend.prefill(
+            ids, SamplingParams(temperature=0.0), self._compile(plan, len(ids))
+        )
         return list(
             prompt_records(
                 self.builder,

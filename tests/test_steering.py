@@ -174,3 +174,323 @@ def test_compile_folds_adjacent_adds_and_pins_clamps():
     assert dict(compiled.layers[2].pinned) == {4: 3.0, 5: 0.0}
     assert compiled.layers[2].watched == (9,)
     assert SteeringPlan(positions="all").compile({}, 11).start == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# The reference: transformers (float32, eager) with a forward hook on block L
+
+
+class HookedReference:
+    """transformers with a forward hook on one block that applies ``edit`` to positions >= start
+    (the hook's own copy of the semantics, written out independently of the backends)."""
+
+    def __init__(self, model_dir):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.captured: dict[int, np.ndarray] = {}
+
+    def run(self, ids, edits, start=1):
+        """Last logits [V] and each edited block's output [T, d] (after the edit), for ``ids``."""
+        torch = self.torch
+        handles = []
+        for layer, edit in edits.items():
+
+            def hook(module, args, output, layer=layer, edit=edit):
+                h = output[0] if isinstance(output, tuple) else output
+                h = h.clone()
+                h[0, start:] = torch.from_numpy(edit(h[0, start:].numpy()))
+                self.captured[layer] = h[0].numpy().copy()
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            handles.append(self.model.model.layers[layer].register_forward_hook(hook))
+        try:
+            with torch.inference_mode():
+                logits = self.model(torch.tensor([list(ids)])).logits[0, -1].numpy()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, dict(self.captured)
+
+    def greedy(self, ids, edits, n, start=1):
+        """n greedy tokens, each from a full forward (no cache) with the hook on."""
+        ids = list(ids)
+        out = []
+        for _ in range(n):
+            logits, _ = self.run(ids + out, edits, start)
+            out.append(int(logits.argmax()))
+        return out
+
+
+def add_edit(vector):
+    return lambda h: h + vector.astype(np.float32)
+
+
+def clamp_edit(params, feature, value):
+    """residual += (value - f) W_dec[f], f by the JumpReLU formula in numpy."""
+
+    def edit(h):
+        pre = h.astype(np.float64) @ params["W_enc"][:, feature] + params["b_enc"][feature]
+        f = pre * (pre > params["threshold"][feature])
+        return (h + ((value - f)[:, None] * params["W_dec"][feature]).astype(np.float32)).astype(
+            np.float32
+        )
+
+    return edit
+
+
+# -------------------------------------------------------------------------------------------------
+# Both backends on the tiny model against the hooked reference
+
+QUESTION = "What is the capital of France? Tell me about Paris."
+FEATURE = 7
+
+
+def tiny_backends():
+    from conftest import has_module
+
+    return [
+        pytest.param("torch", marks=pytest.mark.skipif(not has_module("torch"), reason="torch")),
+        pytest.param("mlx", marks=pytest.mark.skipif(not has_module("mlx"), reason="mlx")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tiny_sae):
+    with np.load(tiny_sae["npz"]) as f:
+        return {k: f[k].astype(np.float64) for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def hooked(tiny_model):
+    pytest.importorskip("torch")
+    return HookedReference(tiny_model)
+
+
+@pytest.fixture(scope="module", params=tiny_backends())
+def session(request, tiny_model, tiny_sae):
+    from conftest import TINY_LAYER
+
+    from neuroscope import Session
+
+    with Session(
+        model=str(tiny_model),
+        sae_local_path=str(tiny_sae["npz"]),
+        layer=[1, TINY_LAYER],
+        backend=request.param,
+        top_k=128,  # the whole (tiny) SAE: every firing feature is in the records
+        dtype="float32",
+    ) as s:
+        yield s
+
+
+def record_acts(records, layer, width=128):
+    """Dense activations [positions, width] of one layer's records, in position order."""
+    rows = [r for r in records if r.layer == layer]
+    dense = np.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        for f in r.top_features:
+            dense[i, f.index] = f.activation
+    return dense, [r.position for r in rows]
+
+
+def numpy_acts(residual, params):
+    pre = residual.astype(np.float64) @ params["W_enc"] + params["b_enc"]
+    return pre * (pre > params["threshold"])
+
+
+def generated_ids(generation, layer):
+    return [r.token_id for r in generation.records if r.phase == "generation" and r.layer == layer]
+
+
+def test_add_equals_transformers_with_a_hook(session, hooked, tiny_params):
+    from conftest import LONG_PROMPT, TINY_LAYER
+
+    strength = 3.0
+    vector = strength * tiny_params["W_dec"][FEATURE].astype(np.float32)
+    steering = [{"layer": TINY_LAYER, "feature": FEATURE, "strength": strength}]
+    ids = session.tokenizer.encode_text(LONG_PROMPT)
+
+    plain = session.trace(LONG_PROMPT)
+    plain_logits = session.backend.last_logits.copy()
+    records = session.trace(LONG_PROMPT, steering=steering)
+    logits = session.backend.last_logits.copy()
+    want_logits, captured = hooked.run(ids, {TINY_LAYER: add_edit(vector)})
+    logit_diff = float(np.abs(logits - want_logits).max())
+    effect = float(np.abs(want_logits - plain_logits).max())
+    print(f"\n{session.backend.name}: add, max |logit - hooked transformers| {logit_diff:.2e} "
+          f"(steering moved the logits by up to {effect:.2f})")  # fmt: skip
+    assert effect > 0.05, "the steering must visibly change the logits for this test to mean much"
+    assert logit_diff < 1e-4
+
+    acts, positions = record_acts(records, TINY_LAYER)
+    want = numpy_acts(captured[TINY_LAYER], tiny_params)[positions]
+    np.testing.assert_allclose(acts, want, atol=1e-4)
+    assert not np.allclose(acts, record_acts(plain, TINY_LAYER)[0], atol=1e-3)
+
+    chat_ids = session.encode(QUESTION)
+    reply = session.generate(QUESTION, max_tokens=12, temperature=0.0, steering=steering).run()
+    tokens = generated_ids(reply, TINY_LAYER)
+    assert tokens == hooked.greedy(chat_ids, {TINY_LAYER: add_edit(vector)}, len(tokens))
+
+
+def test_entries_apply_in_order_across_blocks(session, hooked, tiny_params):
+    """A vector at block 0 (no SAE there), an add and a clamp at the hooked block: the clamp
+    measures its feature after the add."""
+    from conftest import LONG_PROMPT, TINY_LAYER
+
+    rng = np.random.default_rng(3)
+    direction = rng.standard_normal(session.backend.info.hidden_size).astype(np.float32)
+    steering = [
+        {"layer": 0, "vector": direction.tolist(), "strength": 0.5},
+        {"layer": TINY_LAYER, "feature": FEATURE, "strength": 2.0},
+        {"layer": TINY_LAYER, "feature": 11, "mode": "clamp", "value": 4.0},
+        {"layer": TINY_LAYER, "feature": 12, "mode": "ablate"},
+    ]
+    add = add_edit(2.0 * tiny_params["W_dec"][FEATURE].astype(np.float32))
+    clamp11, ablate12 = clamp_edit(tiny_params, 11, 4.0), clamp_edit(tiny_params, 12, 0.0)
+    edits = {0: add_edit(0.5 * direction), TINY_LAYER: lambda h: ablate12(clamp11(add(h)))}
+    ids = session.tokenizer.encode_text(LONG_PROMPT)
+    records = session.trace(LONG_PROMPT, steering=steering)
+    want_logits, captured = hooked.run(ids, edits)
+    assert float(np.abs(session.backend.last_logits - want_logits).max()) < 1e-4
+
+    acts, positions = record_acts(records, TINY_LAYER)
+    want = numpy_acts(captured[TINY_LAYER], tiny_params)[positions]
+    # The clamped feature reads exactly its value; the ablated one 0; the others are encoded
+    # from the steered residual.
+    assert np.all(acts[:, 11] == np.float32(4.0)) and np.all(acts[:, 12] == 0.0)
+    want[:, 11], want[:, 12] = 4.0, 0.0
+    np.testing.assert_allclose(acts, want, atol=1e-4)
+
+    reply = session.generate(QUESTION, max_tokens=10, temperature=0.0, steering=steering).run()
+    tokens = generated_ids(reply, TINY_LAYER)
+    assert tokens == hooked.greedy(session.encode(QUESTION), edits, len(tokens))
+    for r in reply.records:
+        if r.layer == TINY_LAYER:
+            values = {f.index: f.activation for f in r.top_features}
+            assert values.get(11) == 4.0 and 12 not in values
+
+
+def test_positions_generation_leaves_the_prompt_alone(session, hooked, tiny_params):
+    from conftest import TINY_LAYER
+
+    vector = 3.0 * tiny_params["W_dec"][FEATURE].astype(np.float32)
+    steering = [{"layer": TINY_LAYER, "feature": FEATURE, "strength": 3.0}]
+    plain = session.generate(QUESTION, max_tokens=10, temperature=0.0).run()
+    steered = session.generate(
+        QUESTION, max_tokens=10, temperature=0.0, steering=steering, positions="generation"
+    ).run()
+    prompt = [r for r in plain.records if r.phase == "prompt"]
+    steered_prompt = [r for r in steered.records if r.phase == "prompt"]
+    assert [r.top_features for r in steered_prompt] == [r.top_features for r in prompt]
+    ids = session.encode(QUESTION)
+    tokens = generated_ids(steered, TINY_LAYER)
+    assert tokens[0] == generated_ids(plain, TINY_LAYER)[0]  # sampled from prompt logits
+    assert tokens == hooked.greedy(ids, {TINY_LAYER: add_edit(vector)}, len(tokens), start=len(ids))
+
+
+def test_monitors_flag_once_and_stop(session):
+    from conftest import TINY_LAYER
+
+    plain = session.generate(QUESTION, max_tokens=12, temperature=0.0).run()
+    acts, positions = record_acts(plain.records, TINY_LAYER)
+    phases = [r.phase for r in plain.records if r.layer == TINY_LAYER]
+    gen_rows = [i for i, p in enumerate(phases) if p == "generation"]
+    # a feature that fires somewhere in the reply, and a threshold it passes at least twice
+    feature = int(np.argmax((acts[gen_rows] > 0).sum(0)))
+    values = acts[gen_rows, feature]
+    above = float(np.sort(values)[-2]) - 1e-3
+    first = gen_rows[int(np.argmax(values > above))]
+
+    flagged = session.generate(
+        QUESTION, max_tokens=12, temperature=0.0,
+        monitors=[{"layer": TINY_LAYER, "feature": feature, "above": above}],
+    ).run()  # fmt: skip
+    assert flagged.text == plain.text and flagged.finish_reason == plain.finish_reason
+    (event,) = flagged.monitor_events
+    assert (event.position, event.layer, event.feature, event.action) == (
+        positions[first], TINY_LAYER, feature, "flag",
+    )  # fmt: skip
+    assert event.activation == pytest.approx(acts[first, feature], abs=1e-5)
+    assert event.token == [r.token for r in plain.records if r.layer == TINY_LAYER][first]
+    assert event.request_id == flagged.records[0].request_id
+
+    stopped = session.generate(
+        QUESTION, max_tokens=12, temperature=0.0,
+        monitors=[{"layer": TINY_LAYER, "feature": feature, "above": above, "action": "stop"}],
+    ).run()  # fmt: skip
+    assert stopped.finish_reason == "monitor"
+    assert stopped.records[-1].position == positions[first]
+    assert plain.text.startswith(stopped.text) and len(stopped.text) < len(plain.text)
+    assert stopped.completion_tokens == first - gen_rows[0] + 1
+
+    # phase "all" watches the prompt too: a feature active at the first reported position
+    prompt_feature = int(np.argmax(acts[0]))
+    early = session.generate(
+        QUESTION, max_tokens=4, temperature=0.0,
+        monitors=[{"layer": TINY_LAYER, "feature": prompt_feature, "above": 0.0, "phase": "all"}],
+    ).run()  # fmt: skip
+    assert early.monitor_events[0].position == positions[0]
+
+
+def test_steering_belongs_to_its_request(session, tiny_params):
+    """The next request is unsteered, also after a steered request was cancelled or failed."""
+    from conftest import TINY_LAYER
+
+    steering = [
+        {"layer": TINY_LAYER, "feature": FEATURE, "strength": 3.0},
+        {"layer": 0, "vector": [0.3] * session.backend.info.hidden_size},
+    ]
+    monitors = [{"layer": TINY_LAYER, "feature": FEATURE, "above": 0.0}]
+
+    def plain():
+        out = session.generate(QUESTION, max_tokens=8, temperature=0.0).run()
+        return out.text, [r.top_features for r in out.records], out.monitor_events
+
+    baseline = plain()
+    steered = session.generate(QUESTION, max_tokens=8, temperature=0.0, steering=steering).run()
+    assert steered.text != baseline[0]
+    assert plain() == baseline
+
+    # cancelled after its first token
+    events = session.events(
+        session.encode(QUESTION), max_tokens=8, temperature=0.0, should_stop=lambda: True,
+        steering=parse_plan(steering, monitors, target=session.steering_target()),
+    )  # fmt: skip
+    assert list(events)[-1].finish_reason == "cancelled"
+    assert plain() == baseline
+
+    # failed half way (a label source that raises)
+    calls = {"n": 0}
+
+    def flaky(layer, index):
+        calls["n"] += 1
+        if calls["n"] > 300:
+            raise RuntimeError("label source down")
+        return f"feature_{index}"
+
+    session.set_labels(flaky)
+    try:
+        with pytest.raises(RuntimeError, match="label source down"):
+            session.generate(
+                QUESTION, max_tokens=8, temperature=0.0, steering=steering, monitors=monitors
+            ).run()
+    finally:
+        session.set_labels(None)
+    assert plain() == baseline
+
+
+def test_bad_python_input_raises_before_anything_runs(session):
+    from conftest import TINY_LAYER
+
+    with pytest.raises(SteeringError) as info:
+        session.generate(QUESTION, steering=[{"layer": TINY_LAYER, "feature": 128}])
+    assert info.value.param == "steering[0].feature"
+    with pytest.raises(SteeringError) as info:
+        session.trace("hello", steering=[{"layer": 3, "feature": 1}])
+    assert "no SAE" in str(info.value)

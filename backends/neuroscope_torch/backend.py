@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +23,12 @@ from neuroscope.backend import (
 from neuroscope.errors import ConfigError, ModelLoadError
 from neuroscope.sae import SAE
 from neuroscope_torch.sae import TorchSAE
+from neuroscope_torch.steering import SequenceSteering
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from neuroscope.steering import CompiledSteering
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Soft-capped attention (Gemma 2) is exact only in the eager kernel.
@@ -33,20 +36,27 @@ EAGER_MODELS = {"gemma2"}
 
 
 class ResidualHook:
-    """Sits on one decoder block: records its output and, when steering, adds a vector to it."""
+    """Sits on one decoder block: records its output and, when steering, changes it first.
+
+    ``edit`` is a request's steering, set only for the duration of one of its forward passes
+    (so nothing of a request outlives it); ``add`` is the session-wide ``set_steering`` vector.
+    """
 
     def __init__(self) -> None:
         self.captured: torch.Tensor | None = None
         self.capture = False
         self.add: torch.Tensor | None = None
+        self.edit: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         if self.add is not None:
             hidden = hidden + self.add.to(hidden.dtype)
+        if self.edit is not None:
+            hidden = self.edit(hidden)
         if self.capture:
             self.captured = hidden
-        if self.add is None:
+        if self.add is None and self.edit is None:
             return None
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -87,6 +97,7 @@ class TorchSequence:
     generator: torch.Generator
     position: int  # tokens in the cache
     logits: torch.Tensor  # float32 [vocab], of the last position
+    steering: SequenceSteering | None = None  # this sequence's steering and monitors
 
 
 class TorchBackend(Backend):
@@ -189,28 +200,64 @@ class TorchBackend(Backend):
             )
         self._hook(layer).add = torch.as_tensor(vector, device=self._device)
 
-    def _features(self) -> StepFeatures:
-        """Top-k of each hooked layer's captured residual (batch row 0), moved to the host."""
+    def _features(self, steering: SequenceSteering | None = None, first: int = 0) -> StepFeatures:
+        """Top-k of each hooked layer's captured residual (batch row 0), moved to the host.
+
+        With steering, clamped features read their value at steered positions (from ``first``)
+        and the watched features' full activations come along.
+        """
         out = {}
         for layer, sae in self._saes.items():
-            indices, values = sae.top_k(self._hooks[layer].take()[0], self._top_k)
-            out[layer] = LayerTopK(indices.cpu().numpy(), values.cpu().numpy())
+            residual = self._hooks[layer].take()[0]
+            if steering is None:
+                indices, values = sae.top_k(residual, self._top_k)
+                out[layer] = LayerTopK(indices.cpu().numpy(), values.cpu().numpy())
+                continue
+            acts = steering.pin(layer, sae.encode(residual), first)
+            values, indices = acts.topk(self._top_k, dim=-1)
+            watched = steering.watched(layer)
+            out[layer] = LayerTopK(
+                indices.cpu().numpy(),
+                values.cpu().numpy(),
+                None if watched is None else acts[:, watched].cpu().numpy(),
+            )
         return out
 
-    def _forward(self, cache: Any, position: int, token_ids: list[int]) -> torch.Tensor:
+    def _forward(
+        self,
+        cache: Any,
+        position: int,
+        token_ids: list[int],
+        steering: SequenceSteering | None = None,
+    ) -> torch.Tensor:
         """Run ``token_ids`` from ``position`` through ``cache``; the last position's logits."""
         ids = torch.tensor([token_ids], device=self._device)
         positions = torch.arange(position, position + ids.shape[1], device=self._device)
-        out = self.model(
-            input_ids=ids, use_cache=True, position_ids=positions[None], logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )  # fmt: skip
+        edited = []
+        if steering is not None:
+            for layer in steering.layers:
+                hook = self._hook(layer)
+                hook.edit = lambda h, layer=layer: steering.apply(layer, h, position)
+                edited.append(hook)
+        try:
+            out = self.model(
+                input_ids=ids, use_cache=True, position_ids=positions[None], logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )  # fmt: skip
+        finally:
+            for hook in edited:
+                hook.edit = None
         return out.logits[0, -1].float()
 
     # -- generation -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> StepFeatures:
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> StepFeatures:
         from transformers import DynamicCache
 
         ids = self._check_ids(token_ids)
@@ -221,17 +268,23 @@ class TorchBackend(Backend):
         else:
             generator.seed()
         cache = DynamicCache(config=self.model_config)
-        logits = self._forward(cache, 0, ids)
-        self._seq = TorchSequence(cache, sampling, generator, len(ids), logits)
-        return self._features()
+        steer = None if steering is None else SequenceSteering(steering, self._saes, self._device)
+        logits = self._forward(cache, 0, ids, steer)
+        self._seq = TorchSequence(cache, sampling, generator, len(ids), logits, steer)
+        return self._features(steer, 0)
 
     @torch.inference_mode()
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")
         ids = self._check_ids([token_id])
-        seq.logits = self._forward(seq.cache, seq.position, ids)
+        seq.logits = self._forward(seq.cache, seq.position, ids, seq.steering)
         seq.position += 1
-        return self._features()
+        return self._features(seq.steering, seq.position - 1)
+
+    @property
+    def last_logits(self) -> np.ndarray:
+        """The float32 logits [vocab] that sample() reads (for tests and debugging)."""
+        return self._sequence("last_logits").logits.cpu().numpy()
 
     @torch.inference_mode()
     def sample(self) -> int:
