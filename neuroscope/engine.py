@@ -19,15 +19,17 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from neuroscope.errors import ConfigError, NeuroscopeError
 from neuroscope.generation import Event, TextDelta
 from neuroscope.hub import Hub, LoopBatcher
 from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.steering import SAE_HINT_CLI, MonitorEvent, SteeringPlan, SteeringTarget
 
 if TYPE_CHECKING:
+    from neuroscope.grammar import Grammar
     from neuroscope.session import Session
 
 log = logging.getLogger("neuroscope.engine")
@@ -74,6 +76,7 @@ class EngineInfo:
     backend: str
     device: str
     max_context: int | None  # tokens, prompt and reply together
+    steering_target: SteeringTarget | None = None  # what steering requests are checked against
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class GenerationRequest:
     top_k: int = 0
     seed: int | None = None
     stop: Sequence[str] = ()
+    steering: SteeringPlan | None = None  # checked against EngineInfo.steering_target
+    response_format: Grammar | None = None  # structured output, from Engine.grammar
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    monitor_events: list[MonitorEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -175,9 +181,12 @@ class RequestHandle:
     async def result(self) -> Completion:
         """Wait for the whole reply (cancel the handle if the caller gives up)."""
         text: list[str] = []
+        monitors: list[MonitorEvent] = []
         async for event in self.events():
             if isinstance(event, TextDelta):
                 text.append(event.text)
+            elif isinstance(event, MonitorEvent):
+                monitors.append(event)
             elif isinstance(event, GenerationComplete):
                 return Completion(
                     self.request_id,
@@ -185,6 +194,7 @@ class RequestHandle:
                     event.finish_reason,
                     event.prompt_tokens,
                     event.completion_tokens,
+                    monitors,
                 )
         raise RequestFailed(f"Request {self.request_id} ended without completing.")
 
@@ -199,6 +209,7 @@ def _describe(session: Session) -> EngineInfo:
         backend=type(session.backend).__name__,
         device=session.backend.device,
         max_context=session.max_context,
+        steering_target=session.steering_target(SAE_HINT_CLI),
     )
 
 
@@ -289,6 +300,14 @@ class Engine:
         """Apply the chat template and fit ``max_tokens`` to the context (ConfigError if it cannot)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prepare_pool, self._prepare, messages, max_tokens)
+
+    async def grammar(self, response_format: Any) -> Grammar | None:
+        """OpenAI's ``response_format`` compiled against the model's tokenizer (None: plain text),
+        off the loop: the first one builds the tokenizer's side (about a second). Raises
+        ``GrammarError`` (a ConfigError) saying why a schema cannot be honoured."""
+        loop = asyncio.get_running_loop()
+        session = self._require_session()
+        return await loop.run_in_executor(self._prepare_pool, session.grammar, response_format)
 
     def _prepare(
         self, messages: Sequence[dict[str, Any]], max_tokens: int | None
@@ -392,7 +411,8 @@ class Engine:
             events = session.events(
                 req.prompt_ids, request_id=req.request_id, max_tokens=req.max_tokens,
                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                stop=list(req.stop), should_stop=handle._stop.is_set,
+                stop=list(req.stop), should_stop=handle._stop.is_set, steering=req.steering,
+                response_format=req.response_format,
             )  # fmt: skip
             for event in events:
                 if isinstance(event, TextDelta):
@@ -404,6 +424,8 @@ class Engine:
                         handle.tokens_done += 1
                     if handle.records:
                         handle._put(event)
+                elif isinstance(event, MonitorEvent):
+                    handle._put(event)
                 else:
                     self._release(handle)  # its id is free before its client hears it is done
                     handle._put(event)

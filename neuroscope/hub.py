@@ -18,13 +18,18 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.steering import MonitorEvent
 
 DEFAULT_SUBSCRIBER_QUEUE = 4096  # events; about two long prompts' worth of records
 
-HubEvent = TokenFeatures | GenerationComplete
+HubEvent = TokenFeatures | GenerationComplete | MonitorEvent
 T = TypeVar("T")
 
-EVENT_NAMES = {TokenFeatures: "feature_activation", GenerationComplete: "generation_complete"}
+EVENT_NAMES = {
+    TokenFeatures: "feature_activation",
+    GenerationComplete: "generation_complete",
+    MonitorEvent: "monitor",
+}
 
 
 class LoopBatcher(Generic[T]):

@@ -22,6 +22,7 @@ errors do (``neuroscope.steering[2].feature``), so the chat API can answer a 400
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,10 @@ class MonitorEvent:
             "activation": round(float(self.activation), 6),
             "action": self.action,
         }
+
+    def to_json(self) -> str:
+        """Compact JSON, as the feature stream's ``monitor`` event carries it."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
 
 # -------------------------------------------------------------------------------------------------

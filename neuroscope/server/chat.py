@@ -33,6 +33,7 @@ from neuroscope.server.errors import (
 )
 from neuroscope.server.schema import ChatRequest, parse_chat_request, request_id_from_header
 from neuroscope.session import new_request_id
+from neuroscope.steering import MonitorEvent, SteeringError, SteeringPlan, parse_neuroscope
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SHUTTING_DOWN = "The server is shutting down; the reply was cut short."
@@ -103,6 +104,7 @@ class ChatAPI:
 
     async def chat_completions(self, request: Request) -> Response[Any] | Stream:
         chat = parse_chat_request(await request.body(), self.model)
+        steering = self._steering(chat)
         request_id = request_id_from_header(request.headers.get("x-request-id"), new_request_id())
         try:
             prepared = await self.engine.prepare(chat.messages, chat.max_tokens)
@@ -112,7 +114,7 @@ class ChatAPI:
             GenerationRequest(
                 request_id=request_id, prompt_ids=prepared.prompt_ids, max_tokens=prepared.max_tokens,
                 temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k, seed=chat.seed,
-                stop=chat.stop,
+                stop=chat.stop, steering=steering,
             )
         )  # fmt: skip
         headers = {"X-Request-Id": request_id}
@@ -125,9 +127,23 @@ class ChatAPI:
         completion = await _result_unless_disconnected(handle, request)
         if completion is None:  # the client left; nobody reads this
             return Response(error_body("Client disconnected."), status_code=499)
+        if completion.finish_reason == "monitor":  # a stop monitor ended it: OpenAI's "stop"
+            completion.finish_reason = "stop"
         if completion.finish_reason not in ("stop", "length"):
             raise EngineClosed(SHUTTING_DOWN)
-        return Response(self._completion_body(completion, created), headers=headers)
+        body = self._completion_body(completion, created)
+        return Response(body | _echo(steering, completion.monitor_events), headers=headers)
+
+    def _steering(self, chat: ChatRequest) -> SteeringPlan | None:
+        """The request's ``neuroscope`` steering and monitors, checked against the loaded model
+        (a 400 naming the entry, e.g. ``neuroscope.steering[2].feature``); None when absent."""
+        target = self.engine.info.steering_target
+        if chat.neuroscope is None or target is None:
+            return None
+        try:
+            return parse_neuroscope(chat.neuroscope, target) or None
+        except SteeringError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
 
     def _completion_body(self, done: Completion, created: int) -> dict[str, Any]:
         return {
@@ -162,20 +178,23 @@ class ChatAPI:
         }
         usage_field = {"usage": None} if chat.include_usage else {}
 
-        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+        def chunk(
+            delta: dict[str, str], finish: str | None = None, extra: dict[str, Any] | None = None
+        ) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return _sse(base | {"choices": [choice]} | usage_field)
+            return _sse(base | {"choices": [choice]} | usage_field | (extra or {}))
 
-        try:
-            yield chunk({"role": "assistant", "content": ""})
+        try:  # the first chunk echoes the steering applied, as the completion object does
+            yield chunk({"role": "assistant", "content": ""}, extra=_echo(handle.request.steering))
             async for batch in handle.batches():
                 out = []
                 for event in batch:
                     if isinstance(event, TextDelta):
                         out.append(chunk({"content": event.text}))
                     elif isinstance(event, GenerationComplete):
-                        if event.finish_reason in ("stop", "length"):
-                            out.append(chunk({}, event.finish_reason))
+                        finish = "stop" if event.finish_reason == "monitor" else event.finish_reason
+                        if finish in ("stop", "length"):
+                            out.append(chunk({}, finish))
                             if chat.include_usage:
                                 usage = _usage(event.prompt_tokens, event.completion_tokens)
                                 out.append(_sse(base | {"choices": [], "usage": usage}))
@@ -190,6 +209,17 @@ class ChatAPI:
             yield _sse(from_exception(e).body()) + "data: [DONE]\n\n"
         finally:
             handle.cancel()
+
+
+def _echo(steering: SteeringPlan | None, fired: list[MonitorEvent] | None = None) -> dict[str, Any]:
+    """``{"neuroscope": ...}``: the steering and monitors applied (and, once known, the monitor
+    events that fired), for a completion object; nothing for a request without them."""
+    if steering is None:
+        return {}
+    echo = steering.to_dict()
+    if fired is not None:
+        echo["monitor_events"] = [event.to_dict() for event in fired]
+    return {"neuroscope": echo}
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -34,6 +34,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    neuroscope: Any = None  # the extension object, checked against the model by neuroscope.steering
 
 
 def _bad(param: str, message: str, code: str | None = None) -> APIError:
@@ -283,6 +284,7 @@ def parse_chat_request(raw: bytes, served_model: str) -> ChatRequest:
         include_usage=_bool(
             stream_options or {}, "include_usage", where="stream_options.include_usage"
         ),
+        neuroscope=body.get("neuroscope"),
     )
 
 
