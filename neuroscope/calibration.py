@@ -459,7 +459,7 @@ ProgressFactory = Callable[[int, int], Any]
 
 
 def _tqdm_progress(total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, initial=initial, unit="sample", desc="calibrating", dynamic_ncols=True)
 
