@@ -1,7 +1,7 @@
 """Sparse autoencoders: parameters on the host, loaded from Gemma Scope files or SAELens folders.
 
 Backends move these arrays to their device and encode there. Every SAE encodes the same way
-(DESIGN.md, "Correctness conventions"; the formulas are SAELens' for each architecture):
+(docs/design.md, "Conventions"; the formulas are SAELens' for each architecture):
 
     x   = x / rms(x)                         only with input_norm="rms" (the Rust prototype's habit)
     x   = normalize(x)                       SAELens' constant_norm_rescale or layer_norm, else x

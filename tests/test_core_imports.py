@@ -1,4 +1,4 @@
-"""The core never imports a tensor framework at module level (DESIGN.md, "Layout")."""
+"""The core never imports a tensor framework at module level (docs/design.md, "Layout")."""
 
 from __future__ import annotations
 

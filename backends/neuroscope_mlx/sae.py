@@ -9,7 +9,7 @@ from neuroscope.sae import SAE
 
 
 class MLXSAE:
-    """An SAE's encoder on the device; the formula is neuroscope.sae's (DESIGN.md conventions)."""
+    """An SAE's encoder on the device; the formula is neuroscope.sae's (docs/design.md, Conventions)."""
 
     def __init__(self, sae: SAE):
         if sae.architecture == "jumprelu" and sae.threshold is None:

@@ -6,7 +6,7 @@ mid-write leaves at most one torn last line, which readers skip and the next wri
 last record for a feature index wins, so a rerun (or a later, better answer) just appends.
 :meth:`Journal.compact` rewrites the file atomically with one record per feature.
 
-Layout under the cache (DESIGN.md, "Cache layout")::
+Layout under the cache (docs/design.md, "The cache")::
 
     autointerp_labels/<labeler>/<model>/<sae>/labels.jsonl   one record per feature (label or failure)
     autointerp_labels/<labeler>/<model>/<sae>/scores.jsonl   detection scores of those labels

@@ -3,7 +3,7 @@
 
 SSE events:
 
-- ``feature_activation``: one feature record (DESIGN.md, "Feature record");
+- ``feature_activation``: one feature record (docs/design.md, "The feature record");
 - ``generation_complete``: ``{"request_id", "finish_reason", "prompt_tokens", "completion_tokens"}``;
 - ``dropped``: ``{"dropped": n}``: this subscriber fell behind and lost its ``n`` oldest events.
 
