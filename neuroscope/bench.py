@@ -306,7 +306,9 @@ def measure_record_cost(
             record.to_json_bytes()
             count += 1
         times.append(time.perf_counter() - start)
-    per = [t / max(count, 1) * 1e6 for t in times]
+        if count == 0:
+            raise RuntimeError("No feature record was built: are the session's SAEs set?")
+    per = [t / count * 1e6 for t in times]
     return RecordCost(count, statistics.median(per), min(per))
 
 
@@ -537,6 +539,7 @@ def run_bench(
                     f"round {r + 1}/{rounds} {mode:5}: decode {t.decode_tps:8.2f} tok/s · "
                     f"prefill {t.prefill_tps:8.1f} tok/s · TTFT {t.ttft_s * 1000:8.1f} ms"
                 )
+        set_instrumented(session, True)
         log("SAE encode micro-benchmark")
         encode_s = measure_sae_encode(session, layer)
         log("record building and encoding")

@@ -93,6 +93,7 @@ def test_modes_ran_as_described(report: dict, tiny_model) -> None:
     assert modes["plain"]["records_per_run"] == 0
     expected = report["prompt_tokens"] - 1 + TOKENS
     assert modes["sae"]["records_per_run"] == modes["hub"]["records_per_run"] == expected
+    assert report["records_timed"] == report["prompt_tokens"] - 1  # the prompt's, after BOS
     assert (
         len(report["overhead_ratios_by_round"])
         == len(report["hub_overhead_ratios_by_round"])
