@@ -46,4 +46,5 @@ from neuroscope.cli import calibrate as _calibrate  # noqa: E402, F401
 from neuroscope.cli import corpus as _corpus  # noqa: E402, F401
 from neuroscope.cli import data as _data  # noqa: E402, F401
 from neuroscope.cli import labels as _labels  # noqa: E402, F401
+from neuroscope.cli import sae_train as _sae_train  # noqa: E402, F401
 from neuroscope.cli import serve as _serve  # noqa: E402, F401
