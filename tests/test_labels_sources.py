@@ -19,7 +19,7 @@ from neuroscope.calibration import (
 )
 from neuroscope.cli import app
 from neuroscope.labels import examples as ex
-from neuroscope.labels import store
+from neuroscope.labels import store, top_tokens
 from neuroscope.labels.firing import firing_rates
 from neuroscope.labels.neuronpedia import NeuronpediaId, import_exports
 from neuroscope.labels.sources import LabelResolver
@@ -188,7 +188,10 @@ def test_show_prints_label_source_score_rate_and_examples(tmp_path: Path) -> Non
         and "score: 0.55 (low)" in out
     )
     assert "#4  fours from neuronpedia" in out and "source: neuronpedia" in out
-    assert "#11  feature_11" in out and "firing rate:" in out and "(corpus pass)" in out
+    # no explanation for #11: the tokens it fires hardest on in the corpus pass stand in
+    top = top_tokens.labels_from_examples(ex.examples_dir(MODEL, SAE))[11]
+    assert f"#11  {top}" in out and "source: top_tokens" in out
+    assert "firing rate:" in out and "(corpus pass)" in out
     feature = ex.read_features(ex.examples_dir(MODEL, SAE), [3])[3]
     assert f"1. ({feature.examples[0].activation:.2f}) {feature.examples[0].marked()}" in out
     assert feature.examples[2].marked() not in out

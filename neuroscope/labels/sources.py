@@ -4,9 +4,12 @@
    deepseek/deepseek-v3.2; when none was named and the default has no labels for this SAE, the most
    recently written labeler's), for this model, else for another model with the same SAE;
 2. a Neuronpedia label already in the cache (bulk import or an earlier live fetch);
-3. Neuronpedia live, per feature, only when network use for labels is allowed: the lookup returns
-   the fallback at once and a background thread fetches and caches the label for next time;
-4. ``feature_<index>``.
+3. top tokens (:mod:`neuroscope.labels.top_tokens`): the tokens the feature fires hardest on in the
+   corpus pass, e.g. ``Paris · London · Berlin``, read from ``top_tokens.json`` beside a local SAE
+   or from the cached examples; below every explanation, above the bare index;
+4. Neuronpedia live, per feature, only when network use for labels is allowed: the lookup returns
+   the top tokens or the fallback at once and a background thread fetches and caches the label;
+5. ``feature_<index>``.
 
 Everything is loaded once per layer; :meth:`LabelResolver.reload` picks up labels written since.
 """
@@ -19,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from neuroscope.cache import slug
-from neuroscope.labels import store
+from neuroscope.labels import store, top_tokens
 from neuroscope.labels.labeler import DEFAULT_LABELER
 from neuroscope.labels.neuronpedia import (
     LiveFetcher,
@@ -31,6 +34,7 @@ from neuroscope.labels.neuronpedia import (
 
 FALLBACK = "fallback"
 NEURONPEDIA = "neuronpedia"
+TOP_TOKENS = top_tokens.SOURCE
 NETWORK_ENV = "NEUROSCOPE_NEURONPEDIA_LIVE"
 
 
@@ -51,6 +55,7 @@ class _Layer:
     label_set: store.LabelSet | None = None
     np_id: NeuronpediaId | None = None
     neuronpedia: dict[int, str | None] = field(default_factory=dict)
+    top_tokens: dict[int, str] = field(default_factory=dict)
 
 
 class LabelResolver:
@@ -58,6 +63,7 @@ class LabelResolver:
 
     ``saes`` maps layer -> SAE id (as in feature records). ``neuronpedia_ids`` overrides the mapping
     to Neuronpedia per layer (``"model/sae"``; None turns Neuronpedia off for that layer).
+    ``sae_sources`` names, per layer, the local SAE folder that may hold ``top_tokens.json``.
     """
 
     def __init__(
@@ -68,7 +74,9 @@ class LabelResolver:
         labeler: str | None = None,
         allow_network: bool = False,
         neuronpedia_ids: Mapping[int, str | NeuronpediaId | None] | None = None,
+        sae_sources: Mapping[int, str] | None = None,
     ):
+        self.sae_sources = dict(sae_sources or {})
         self.model = model
         self.saes = dict(saes)
         self.labeler = labeler or os.environ.get("LABELER_MODEL") or None
@@ -98,6 +106,9 @@ class LabelResolver:
                 return text, NEURONPEDIA
         elif self.allow_network and state.np_id is not None:
             self._live().request(state.np_id, index)
+        text = state.top_tokens.get(index)
+        if text is not None:
+            return text, TOP_TOKENS
         return fallback_label(index), FALLBACK
 
     def __call__(self, layer: int, index: int) -> str:
@@ -108,7 +119,8 @@ class LabelResolver:
         """Every known label of a layer; with ``width``, every feature's, ``feature_<i>`` where none is
         known. Never fetches anything (a live fetch per feature of a 16k SAE would be 16k requests)."""
         state = self._layer(layer)
-        known = {i: t for i, t in state.neuronpedia.items() if t is not None} if state else {}
+        known = dict(state.top_tokens) if state else {}
+        known.update({i: t for i, t in state.neuronpedia.items() if t is not None} if state else {})
         known.update(state.autointerp if state else {})
         if width is None:
             return dict(sorted(known.items()))
@@ -192,6 +204,7 @@ class LabelResolver:
         )
         if state.np_id is not None:
             state.neuronpedia = load_cached(state.np_id)
+        state.top_tokens = top_tokens.find(self.model, sae, self.sae_sources.get(layer))
         return state
 
     def _label_set(self, sae: str) -> store.LabelSet | None:
