@@ -29,6 +29,7 @@ from neuroscope.records import GenerationComplete, TokenFeatures
 from neuroscope.steering import SAE_HINT_CLI, MonitorEvent, SteeringPlan, SteeringTarget
 
 if TYPE_CHECKING:
+    from neuroscope.feature_info import FeatureInfo
     from neuroscope.grammar import Grammar
     from neuroscope.session import Session
 
@@ -247,6 +248,7 @@ class Engine:
         # the tokenizer is shared with the worker and one reader more is all it needs to tolerate.
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="neuroscope-prepare")
         self._labels_cache: dict[int, dict[str, str]] = {}
+        self._feature_info: FeatureInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -361,6 +363,17 @@ class Engine:
                 self._prepare_pool, self._all_labels, layer
             )
         return self._labels_cache[layer]
+
+    async def feature_info(self, layer: int, index: int) -> dict[str, Any]:
+        """What is known of one feature (``neuroscope.feature_info``), read off the loop."""
+        if self._feature_info is None:
+            from neuroscope.feature_info import FeatureInfo  # calibration and examples readers
+
+            self._feature_info = FeatureInfo(self._require_session())
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._prepare_pool, self._feature_info.describe, layer, index
+        )
 
     def _all_labels(self, layer: int) -> dict[str, str]:
         labels = self._require_session().builder.labels

@@ -140,6 +140,30 @@ def create_features_app(
             layer = layers[0]
         return await engine.labels(layer)
 
+    @get("/v1/features/info")
+    async def feature_info(request: Request) -> dict[str, Any]:
+        """One feature: label and its source, calibration, top examples, Neuronpedia page."""
+        layer = _layer_param(request, engine)
+        layers = engine.info.layers
+        if layer is None:
+            if len(layers) > 1:
+                raise APIError(
+                    400,
+                    f"Several layers are hooked ({', '.join(map(str, layers))}); pass ?layer=.",
+                    param="layer",
+                )
+            layer = layers[0]
+        raw = request.query_params.get("index", "")
+        width = engine.info.sae_widths[layer]
+        index = int(raw) if raw.isdigit() else -1
+        if not 0 <= index < width:
+            raise APIError(
+                400,
+                f"index must be a feature of the SAE at layer {layer} (0 to {width - 1}), got {raw!r}.",
+                param="index",
+            )
+        return await engine.feature_info(layer, index)
+
     @get("/health", opt=OPEN)
     async def health() -> Response:
         if engine.closing:
@@ -154,7 +178,7 @@ def create_features_app(
         )
 
     app = Litestar(
-        route_handlers=[stream, labels, health, page],
+        route_handlers=[stream, labels, feature_info, health, page],
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards(api_key),
         openapi_config=None,
