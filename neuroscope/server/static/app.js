@@ -223,8 +223,9 @@
       return retry(attempt, "cannot reach the feature stream");
     }
     if (response.status === 401) {
+      const refused = state.key !== null;
       useKey(null);
-      askForKey(state.key === null && !$("api-key").value ? "" : "The server refused this key.");
+      askForKey(refused ? "The server refused this key." : "");
       return;
     }
     if (!response.ok) return retry(attempt, `feature stream answered ${response.status}`);
@@ -586,7 +587,7 @@
     if (state.selectedToken === token) chip.classList.add("selected");
     chip.dataset.requestId = token.requestId;
     chip.dataset.position = String(token.position);
-    const text = el("div", "tok-text", JSON.stringify(token.text).slice(1, -1) || " ");
+    const text = el("div", "tok-text", JSON.stringify(token.text).slice(1, -1));
     const where = token.phase === "prompt" ? `prompt @${token.position}` : `#${token.tokenIndex} @${token.position}`;
     const meta = el("div", "tok-meta", where);
     const parts = [text, meta];
