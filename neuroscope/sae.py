@@ -578,6 +578,35 @@ def load_from_hub(
         ) from None
 
 
+# Gemma Scope 2's residual SAEs that Neuronpedia labels sit at four layers per model; the second of
+# them is near the middle of the model. Sizes as in Gemma 3's repo ids.
+GEMMA_SCOPE_2_MIDDLE_LAYER = {"270m": 9, "1b": 13, "4b": 17, "12b": 24, "27b": 31}
+GEMMA_SCOPE_2_RES_PATH = "resid_post/layer_{layer}_width_16k_l0_medium/params.safetensors"
+
+
+@dataclass(frozen=True)
+class DefaultSAE:
+    """The SAE a model gets when none is named: its repo, path template and layer."""
+
+    repo: str
+    path: str
+    layer: int
+
+
+def default_sae_for(model: str) -> DefaultSAE:
+    """Gemma Scope 2's 16k residual SAE (medium L0) at a middle layer for a Gemma 3 model
+    ('google/gemma-3-1b-it', 'gemma-3-270m', a GGUF named so); Gemma Scope's layer-20 SAE otherwise."""
+    m = re.search(r"gemma-3-(270m|1b|4b|12b|27b)(?:-(pt|it))?", model.lower())
+    if m is None:
+        return DefaultSAE(DEFAULT_SAE_REPO, DEFAULT_SAE_PATH, 20)
+    size, kind = m.group(1), "it" if m.group(2) == "it" else "pt"
+    return DefaultSAE(
+        f"google/gemma-scope-2-{size}-{kind}",
+        GEMMA_SCOPE_2_RES_PATH,
+        GEMMA_SCOPE_2_MIDDLE_LAYER[size],
+    )
+
+
 def resolve_sae_path(sae_path: str | None, layer: int, repo: str) -> str:
     """The SAE path for ``layer``: a ``{layer}`` template is filled in; the default repo has a default."""
     if sae_path:

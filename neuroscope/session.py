@@ -40,6 +40,7 @@ from neuroscope.sae import (
     DEFAULT_SAE_REPO,
     SAE,
     InputNorm,
+    default_sae_for,
     load_from_hub,
     load_local,
     resolve_sae_path,
@@ -153,7 +154,7 @@ class Session:
         sae: str = DEFAULT_SAE_REPO,
         sae_path: str | Sequence[str] | None = None,
         sae_local_path: str | Sequence[str] | None = None,
-        layer: int | Sequence[int] = 20,
+        layer: int | Sequence[int] | None = None,
         backend: str = "auto",
         top_k: int = 10,
         dtype: str | None = None,
@@ -163,6 +164,14 @@ class Session:
         feature_filter: FeatureFilter | None = None,
         report_bos: bool = False,
     ):
+        # No SAE named: Gemma Scope 2's residual SAE at a middle layer for a Gemma 3 model, Gemma
+        # Scope's layer-20 SAE otherwise (see neuroscope.sae.default_sae_for).
+        default = default_sae_for(model)
+        if layer is None:
+            layer = default.layer
+        named = sae != DEFAULT_SAE_REPO or sae_path or sae_local_path or load_format == "dummy"
+        if not named and default.repo != DEFAULT_SAE_REPO:
+            sae, sae_path = default.repo, default.path
         self.layers = [layer] if isinstance(layer, int) else list(layer)
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layer must be an int or a list of distinct ints, got {layer!r}.")

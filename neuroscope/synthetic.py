@@ -1,7 +1,8 @@
 """Synthetic weights built offline: tiny models and random SAEs (tests, examples, benchmarks) and
 the random SAEs behind `--load-format dummy`.
 
-Nothing here downloads. The tiny Gemma 2 exercises every Gemma 2 detail that matters for
+Nothing here downloads. The tiny Gemma 2 (and Gemma 3, which adds q/k norms and local/global
+RoPE) exercises every Gemma 2 detail that matters for
 correctness: logit soft-capping, ``query_pre_attn_scalar`` different from ``head_dim``, grouped-query
 attention, random RMSNorm weights, and a sliding window shorter than the test prompts.
 """
@@ -164,6 +165,107 @@ def build_tiny_gemma2(folder: str | Path, seed: int = 0, **config_overrides: obj
         str(folder / "model.safetensors"),
         metadata={"format": "pt"},
     )
+    return folder
+
+
+# Gemma 3's chat template (behaviour as published with the models): a system message is put at the
+# head of the first user turn; otherwise as Gemma 2's.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] | trim + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def tiny_gemma3_config(vocab_size: int = 512, legacy: bool = False, **overrides: object) -> dict:
+    """A tiny Gemma 3 text config: hidden size 80, 6 layers, a global layer every third (two global, four sliding),
+    a window of 8 tokens, q/k norms, local and global RoPE bases, linear scaling on global layers.
+
+    ``legacy`` writes what older configs on the Hub say (``sliding_window_pattern``,
+    ``rope_local_base_freq``, ``rope_scaling``) instead of transformers 5's ``layer_types`` and
+    per-layer-type ``rope_parameters``; the model is the same.
+    """
+    config: dict = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": vocab_size,
+        "hidden_size": 80,  # sqrt(80) is not a bfloat16: a normaliser rounded to one would show
+        "intermediate_size": 128,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "bos_token_id": 2,
+        "eos_token_id": [1, 5],
+        "pad_token_id": 0,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "torch_dtype": "float32",
+    }
+    pattern, local, glob, factor = 3, 10000.0, 1_000_000.0, 4.0
+    config.update(overrides)
+    if legacy:
+        config |= {
+            "sliding_window_pattern": pattern,
+            "rope_theta": glob,
+            "rope_local_base_freq": local,
+            "rope_scaling": {"rope_type": "linear", "factor": factor},
+        }
+    else:
+        config.setdefault(
+            "layer_types",
+            [
+                "sliding_attention" if (i + 1) % pattern else "full_attention"
+                for i in range(int(config["num_hidden_layers"]))
+            ],
+        )
+        config["rope_parameters"] = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            "full_attention": {"rope_type": "linear", "rope_theta": glob, "factor": factor},
+        }
+    return config
+
+
+def build_tiny_gemma3(
+    folder: str | Path, seed: int = 0, legacy: bool = False, **config_overrides: object
+) -> Path:
+    """A random tiny Gemma 3 (text) in the Hugging Face layout, with Gemma 3's chat template."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(folder, chat_template=GEMMA3_CHAT_TEMPLATE)
+    config = tiny_gemma3_config(legacy=legacy, **config_overrides)  # type: ignore[arg-type]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 2, "eos_token_id": [1, 5], "pad_token_id": 0}, indent=2)
+    )
+    weights = random_gemma2_weights(config, seed)  # Gemma 2's tensors, plus per-head q/k norms
+    rng = np.random.default_rng(seed + 1)
+    for i in range(config["num_hidden_layers"]):
+        for name in ("q_norm", "k_norm"):
+            weights[f"model.layers.{i}.self_attn.{name}.weight"] = (
+                rng.standard_normal(config["head_dim"]) * 0.5
+            ).astype(np.float32)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 

@@ -26,7 +26,7 @@ class MLXSAE:
         self.threshold = None if sae.threshold is None else mx.array(sae.threshold)
         self.mag_scale = None if sae.mag_scale is None else mx.array(sae.mag_scale)
         self.b_mag = None if sae.b_mag is None else mx.array(sae.b_mag)
-        self.architecture, self.k = sae.architecture, sae.k
+        self.architecture, self.k = sae.architecture, sae.k or 0  # k: topk only (checked above)
         self.apply_b_dec_to_input = sae.apply_b_dec_to_input
         self.input_norm, self.normalize = sae.input_norm, sae.normalize
         self.width = sae.width
@@ -46,12 +46,12 @@ class MLXSAE:
             x = x - self.b_dec
         if self.architecture == "gated":
             proj = x @ self.W_enc
-            magnitude = mx.maximum(proj * self.mag_scale + self.b_mag, 0.0)
+            magnitude = mx.maximum(proj * self.mag_scale + self.b_mag, 0.0)  # type: ignore[operator]
             return mx.where(proj + self.b_enc > 0, magnitude, 0.0)
         pre = x @ self.W_enc + self.b_enc
         acts = mx.maximum(pre, 0.0)
         if self.architecture == "jumprelu":
-            return mx.where(pre > self.threshold, acts, 0.0)
+            return mx.where(pre > self.threshold, acts, 0.0)  # type: ignore[operator]
         if self.architecture == "topk":  # keep exactly k, as SAELens does
             idx = mx.argpartition(-acts, kth=self.k - 1, axis=-1)[..., : self.k]
             kept = mx.take_along_axis(acts, idx, axis=-1)

@@ -25,7 +25,7 @@ class TorchSAE:
         self.W_enc, self.b_enc, self.b_dec = put(sae.W_enc), put(sae.b_enc), put(sae.b_dec)
         self.threshold = put(sae.threshold)
         self.mag_scale, self.b_mag = put(sae.mag_scale), put(sae.b_mag)
-        self.architecture, self.k = sae.architecture, sae.k
+        self.architecture, self.k = sae.architecture, sae.k or 0  # k: topk only (checked above)
         self.apply_b_dec_to_input = sae.apply_b_dec_to_input
         self.input_norm, self.normalize = sae.input_norm, sae.normalize
         self.width = sae.width

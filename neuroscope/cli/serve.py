@@ -31,9 +31,10 @@ def serve(
         list[int],
         typer.Option(
             "--sae-layer",
-            help="Decoder block whose output the SAE reads (0-based); repeat for several.",
+            help="Decoder block whose output the SAE reads (0-based); repeat for several. "
+            "Default: 20 (Gemma Scope's), or a middle layer with Gemma Scope 2 for a Gemma 3 model.",
         ),
-    ] = [20],  # noqa: B006 - typer reads the default; it is never mutated
+    ] = [],  # noqa: B006 - typer reads the default; it is never mutated
     top_k: Annotated[
         int, typer.Option("--top-k", help="Features reported per token and layer.")
     ] = 10,
@@ -133,7 +134,7 @@ def serve(
             max_model_len=max_model_len, header_timeout_s=header_timeout,
             max_connections=max_connections,
         )  # fmt: skip
-        layers = sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
+        layers = None if not sae_layer else sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
 
         def load() -> Session:
             from neuroscope.session import Session

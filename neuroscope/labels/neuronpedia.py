@@ -66,6 +66,14 @@ _GEMMA_SCOPE = re.compile(
 )
 
 
+# google/gemma-scope-2-1b-it/resid_post/layer_13_width_16k_l0_medium -> gemma-3-1b-it/13-gemmascope-2-res-16k
+_GEMMA_SCOPE_2 = re.compile(
+    r"^google/gemma-scope-2-(?P<size>270m|1b|4b|12b|27b)-(?P<kind>pt|it)"
+    r"/(?P<site>resid_post|transcoder)(?:_all)?/layer_(?P<layer>\d+)_width_(?P<width>\d+[km])_"
+)
+_GEMMA_SCOPE_2_SITES = {"resid_post": "res", "transcoder": "transcoder"}
+
+
 def neuronpedia_id_for(sae_id: str) -> NeuronpediaId | None:
     """Neuronpedia's id for one of our SAE ids, where we know the naming (Gemma Scope).
 
@@ -73,6 +81,11 @@ def neuronpedia_id_for(sae_id: str) -> NeuronpediaId | None:
     at layer 20, 16k); for another L0 its labels describe a sibling SAE, so pass --neuronpedia-id
     explicitly if you know better.
     """
+    m2 = _GEMMA_SCOPE_2.match(sae_id)
+    if m2:  # Neuronpedia hosts Gemma Scope 2's residual SAEs and transcoders
+        model = f"gemma-3-{m2['size']}" + ("-it" if m2["kind"] == "it" else "")
+        site = _GEMMA_SCOPE_2_SITES[m2["site"]]
+        return NeuronpediaId(model, f"{m2['layer']}-gemmascope-2-{site}-{m2['width']}")
     m = _GEMMA_SCOPE.match(sae_id)
     if not m:
         return None

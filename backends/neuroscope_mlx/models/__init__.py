@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from neuroscope_mlx.models import gemma2
+from neuroscope_mlx.models import gemma2, gemma3
 
 # model_type -> module with ModelArgs and Model, used instead of mlx_lm.models.<model_type>.
-MODELS: dict[str, ModuleType] = {"gemma2": gemma2}
+MODELS: dict[str, ModuleType] = {"gemma2": gemma2, "gemma3_text": gemma3}
