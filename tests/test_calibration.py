@@ -403,7 +403,7 @@ BACKENDS = {"torch": ("neuroscope_torch", "TorchBackend"), "mlx": ("neuroscope_m
 def real_backend(request, tiny):
     module_name, class_name = BACKENDS[request.param]
     module = pytest.importorskip(module_name)
-    return getattr(module, class_name)(tiny["model"], dtype="float32")
+    return getattr(module, class_name).load(tiny["model"], dtype="float32")
 
 
 def test_backend_stats_equal_numpy_over_the_same_tokens(tiny, real_backend) -> None:
