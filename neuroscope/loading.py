@@ -200,6 +200,19 @@ def _npz_d_in(path: Path) -> int | None:
     return int(shape[0]) if len(shape) == 2 else None
 
 
+def _safetensors_d_in(path: Path) -> int | None:
+    """W_enc's first dimension from a safetensors header (Gemma Scope 2's params.safetensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            name = next((n for n in f.keys() if n in ("W_enc", "w_enc")), None)  # noqa: SIM118
+            shape = f.get_slice(name).get_shape() if name else []
+    except Exception:  # safetensors raises its own types; the SAE loader gives the precise error
+        return None
+    return int(shape[0]) if len(shape) == 2 else None
+
+
 def _saelens_d_in(cfg_path: Path) -> int | None:
     try:
         d_in = json.loads(cfg_path.read_text(encoding="utf-8")).get("d_in")
@@ -210,8 +223,12 @@ def _saelens_d_in(cfg_path: Path) -> int | None:
 
 def _local_sae_d_in(path: Path) -> int | None:
     if path.is_dir():
-        return _saelens_d_in(path / "cfg.json")
-    return _npz_d_in(path) if path.is_file() else None
+        if (path / "cfg.json").is_file():
+            return _saelens_d_in(path / "cfg.json")
+        return _safetensors_d_in(path / "params.safetensors")
+    if not path.is_file():
+        return None
+    return _safetensors_d_in(path) if path.suffix == ".safetensors" else _npz_d_in(path)
 
 
 def _hub_sae_d_in(repo: str, path: str) -> int | None:
@@ -221,11 +238,13 @@ def _hub_sae_d_in(repo: str, path: str) -> int | None:
         size = name.removeprefix("gemma-scope-").split("-", 1)[0]
         if size in _GEMMA_SCOPE_D_IN:
             return _GEMMA_SCOPE_D_IN[size]
-    if path.endswith(".npz"):
-        return None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo, f"{path.strip('/')}/cfg.json".lstrip("/"))
+    inner = path.strip("/")
+    if inner.endswith((".npz", ".safetensors")):  # one file: readable only if already downloaded
+        cached = try_to_load_from_cache(repo, inner)
+        return _local_sae_d_in(Path(cached)) if isinstance(cached, str) else None
+    cached = try_to_load_from_cache(repo, f"{inner}/cfg.json".lstrip("/"))
     return _saelens_d_in(Path(cached)) if isinstance(cached, str) else None
 
 
@@ -247,7 +266,8 @@ def check_sae_fits(
 
     Loading a model takes seconds to minutes; finding then that the SAE (often the Gemma Scope
     default, given no SAE option) reads vectors of another size wastes them. The width comes from
-    what is cheap to read: a SAELens cfg.json, a .npz member's header, Gemma Scope's repo name.
+    what is cheap to read: a SAELens cfg.json, a .npz member's or a safetensors file's header, Gemma
+    Scope's repo name; a Hub SAE not yet downloaded is not downloaded for this.
     When it cannot be known without a download, the full load checks it later.
     """
     from neuroscope.sae import DEFAULT_SAE_REPO, resolve_sae_path, sae_id_for

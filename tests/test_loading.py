@@ -118,3 +118,35 @@ def test_serve_with_a_non_gemma_model_and_no_sae_option_says_what_to_pass(tiny_m
     assert result.exit_code == 1, result.output
     assert "--sae-local-path" in result.output and "hidden size 64" in result.output
     assert "Traceback" not in result.output
+
+
+def test_gemma_scope_2_safetensors_and_cached_hub_saes_are_checked_too(
+    tiny_model, tmp_path, monkeypatch, no_backend
+):
+    """A params.safetensors (Gemma Scope 2) is read from its header; a Hub SAE already in the HF
+    cache is read there, offline; one not downloaded is left to the full load."""
+    import huggingface_hub.constants as hf_constants
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from neuroscope import Session
+    from neuroscope.errors import SAEError
+    from neuroscope.loading import check_sae_fits, resolve_model
+
+    params = tmp_path / "gs2" / "params.safetensors"
+    params.parent.mkdir()
+    save_file({"w_enc": np.zeros((48, 16), np.float32), "b_enc": np.zeros(16, np.float32)},
+              str(params))  # fmt: skip
+    for local in (params, params.parent):
+        with pytest.raises(SAEError, match="size 48, but .* has hidden size 64"):
+            Session(model=str(tiny_model), sae_local_path=str(local), layer=1)
+
+    hub = tmp_path / "hub"
+    _fake_hub_model(hub, "someone/saes", params.parent)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    resolved = resolve_model(str(tiny_model))
+    with pytest.raises(SAEError, match="someone/saes/params.safetensors reads vectors of size 48"):
+        check_sae_fits(resolved, [1], sae="someone/saes", sae_path="params.safetensors")
+    # Not in the cache: nothing to read without a download, so no early verdict.
+    check_sae_fits(resolved, [1], sae="someone/other", sae_path="layer_1/params.npz")
