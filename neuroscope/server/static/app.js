@@ -21,6 +21,7 @@
   const EDGES_MAX = 6000;
   const EDGE_TOP = 8; // a token links its EDGE_TOP strongest features (all layers) pairwise
   const GRAPH_NODES = 40;
+  const GRAPH_LABELS = 12;
   const BACKLOG_MAX = 20000; // events waiting for frames; beyond it the oldest are skipped, counted
   const INGEST_BUDGET_MS = 8; // per frame, so that a flood never freezes the page
   const SLOW_VIEW_MS = 100; // heatmap, sparklines and graph links redraw at most this often
@@ -841,7 +842,8 @@
     });
     let gmax = 1e-6;
     for (const s of nodes) gmax = Math.max(gmax, s.max);
-    for (const s of nodes) {
+    // Labels on the GRAPH_LABELS most active nodes and on any that glows now; the rest in a tooltip.
+    nodes.forEach((s, rank) => {
       let node = graphNodes.get(s.key);
       if (!node) {
         const g = svg("g", { class: "node" });
@@ -861,10 +863,11 @@
       node.g.setAttribute("transform", `translate(${s.x.toFixed(1)},${s.y.toFixed(1)})`);
       node.circle.setAttribute("r", (4 + 4 * Math.min(1, s.count / 50)).toFixed(1));
       node.circle.setAttribute("fill", `hsl(${28 - 28 * glow}, 95%, ${(18 + 52 * glow).toFixed(0)}%)`);
-      const label = s.label.length > 28 ? `${s.label.slice(0, 27)}…` : s.label;
+      const short = s.label.length > 28 ? `${s.label.slice(0, 27)}…` : s.label;
+      const label = rank < GRAPH_LABELS || glow > 0.6 ? short : "";
       if (node.text.textContent !== label) node.text.textContent = label;
       node.title.textContent = `layer ${s.layer} #${s.index}: ${s.label}`;
-    }
+    });
   }
 
   // A plain force layout, a few steps per frame: repulsion between nodes, springs on edges, a pull
@@ -889,7 +892,7 @@
           dy = Math.random() - 0.5;
           d2 = 1;
         }
-        const f = d2 < 10000 ? (30 * alpha) / d2 : 0; // no push beyond 100 px
+        const f = d2 < 22500 ? (80 * alpha) / d2 : 0; // no push beyond 150 px
         a.vx += dx * f;
         a.vy += dy * f;
         b.vx -= dx * f;
@@ -909,8 +912,8 @@
       b.vy -= dy * f;
     }
     for (const s of nodes) {
-      s.vx += (W / 2 - s.x) * 0.03 * alpha;
-      s.vy += (H / 2 - s.y) * 0.03 * alpha;
+      s.vx += (W / 2 - s.x) * 0.012 * alpha;
+      s.vy += (H / 2 - s.y) * 0.012 * alpha;
       s.vx *= 0.7;
       s.vy *= 0.7;
       s.x = Math.max(12, Math.min(W - 12, s.x + Math.max(-6, Math.min(6, s.vx))));
