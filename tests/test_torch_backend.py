@@ -256,3 +256,28 @@ def test_a_generation_uses_no_deprecated_transformers_api(backend, tiny_model) -
     assert not ours, [str(w.message) for w in ours]
     notices = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
     assert not notices, notices
+
+
+def test_dummy_weights_are_built_in_one_pass_with_neutral_norms(tiny_model) -> None:
+    """Fast dummy weights: N(0, 1/fan_in) matrices, biases 0, norms as transformers initialises
+    them (Gemma's ``1 + weight`` norms: zeros), tied embeddings filled once, and reproducible."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neuroscope_torch.dummy import build_dummy
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    model = build_dummy(config, torch.float32, "eager", torch.device("cpu"))
+    again = build_dummy(config, torch.float32, "eager", torch.device("cpu"))
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # transformers' init
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, dict(again.named_parameters())[name]), name
+        if p.ndim >= 2:
+            assert abs(float(p.detach().std()) * p.shape[-1] ** 0.5 - 1) < 0.1, name
+        else:
+            torch.testing.assert_close(p, ref_params[name], msg=name)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(model.named_buffers())[name], buffer, msg=name)

@@ -22,6 +22,7 @@ from neuroscope.backend import (
 )
 from neuroscope.errors import ConfigError, ModelLoadError
 from neuroscope.sae import SAE
+from neuroscope_torch.dummy import build_dummy
 from neuroscope_torch.sae import TorchSAE
 from neuroscope_torch.steering import SequenceSteering
 
@@ -145,10 +146,7 @@ class TorchBackend(Backend):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         attn = "eager" if text_config.model_type in EAGER_MODELS else "sdpa"
         if dummy_weights:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=DTYPES[dtype], attn_implementation=attn
-            )
+            model = build_dummy(config, DTYPES[dtype], attn, target)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=DTYPES[dtype], attn_implementation=attn
