@@ -45,6 +45,7 @@ from neuroscope.sae import (
     load_local,
     resolve_sae_path,
 )
+from neuroscope.saelens_releases import ReleaseSAE, load_release, resolve_for_layers
 from neuroscope.steering import (
     SAE_HINT_PYTHON,
     CompiledSteering,
@@ -77,8 +78,10 @@ def load_saes(
     sae_local_path: str | Sequence[str] | None = None,
     input_norm: InputNorm = "none",
     dummy_d_model: int | None = None,
+    release_saes: Sequence[ReleaseSAE] | None = None,
 ) -> dict[int, SAE]:
     """One SAE per layer. Paths may be lists (one per layer) or contain ``{layer}``.
+    ``release_saes`` (one per layer, from a SAELens release id) replace the repo and paths.
 
     With ``dummy_d_model`` and no path given, each layer gets a random SAE of Gemma Scope's shape.
     """
@@ -86,7 +89,9 @@ def load_saes(
     local_paths = _per_layer(sae_local_path, layers, "sae_local_path")
     saes = {}
     for layer, path, local in zip(layers, paths, local_paths, strict=True):
-        if local:
+        if release_saes is not None:
+            loaded = load_release(release_saes[layers.index(layer)])
+        elif local:
             local = local.format(layer=layer) if "{layer}" in local else local
             loaded = load_local(local)
         elif dummy_d_model is not None and not path:
@@ -156,6 +161,8 @@ class Session:
         sae_local_path: str | Sequence[str] | None = None,
         layer: int | Sequence[int] | None = None,
         backend: str = "auto",
+        sae_release: str | None = None,
+        sae_id: str | Sequence[str] | None = None,
         top_k: int = 10,
         dtype: str | None = None,
         load_format: LoadFormat = "auto",
@@ -166,6 +173,10 @@ class Session:
     ):
         # No SAE named: Gemma Scope 2's residual SAE at a middle layer for a Gemma 3 model, Gemma
         # Scope's layer-20 SAE otherwise (see neuroscope.sae.default_sae_for).
+        release_saes = None
+        if sae_release is not None:  # a SAELens release id: its table gives repo, path, layer
+            layer, release_saes = resolve_for_layers(sae_release, sae_id, layer)
+            sae, sae_path = release_saes[0].repo, [e.hub_path for e in release_saes]
         default = default_sae_for(model)
         if layer is None:
             layer = default.layer
@@ -198,6 +209,7 @@ class Session:
             self.layers, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path,
             input_norm=input_norm,
             dummy_d_model=info.hidden_size if self.resolved.dummy_weights else None,
+            release_saes=release_saes,
         )  # fmt: skip
         for s in self.saes.values():
             s.check_model(info.hidden_size, model)

@@ -28,6 +28,22 @@ SaeLocalPath = Annotated[
         help="A local SAE instead: a Gemma Scope params.npz or a SAELens folder.",
     ),
 ]
+SaeRelease = Annotated[
+    str | None,
+    typer.Option(
+        "--sae-release",
+        help="A SAELens release (e.g. gemma-scope-2-1b-it-res), resolved through SAELens' release "
+        "table shipped with Neuroscope; replaces --sae/--sae-path. Needs --sae-id.",
+    ),
+]
+SaeId = Annotated[
+    str | None,
+    typer.Option(
+        "--sae-id",
+        help="The SAE's id in --sae-release (e.g. layer_13_width_16k_l0_medium; '{layer}' is filled "
+        "in). Without --sae-layer, the layer it names is hooked.",
+    ),
+]
 SaeLayer = Annotated[
     int,
     typer.Option(

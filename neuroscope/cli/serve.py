@@ -27,6 +27,8 @@ def serve(
     sae: options.Sae = DEFAULT_SAE_REPO,
     sae_path: options.SaePath = None,
     sae_local_path: options.SaeLocalPath = None,
+    sae_release: options.SaeRelease = None,
+    sae_id: options.SaeId = None,
     sae_layer: Annotated[
         list[int],
         typer.Option(
@@ -141,6 +143,7 @@ def serve(
 
             session = Session(
                 model=model, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path, layer=layers,
+                sae_release=sae_release, sae_id=sae_id,
                 backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
             )  # fmt: skip
             _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])
