@@ -430,9 +430,11 @@
       }
     }
     if (state.features.size > FEATURES_MAX) {
-      const pinned = new Set(state.pinned);
+      // What is on screen stays: pinned features, graph nodes and heatmap rows.
+      const shown = new Set([...state.pinned, ...state.graphKeys]);
+      for (const r of heatRowCache.rows) if (r.kind === "feature") shown.add(r.s.key);
       for (const k of state.features.keys()) {
-        if (!pinned.has(k)) state.features.delete(k);
+        if (!shown.has(k)) state.features.delete(k);
         if (state.features.size <= FEATURES_MAX * 0.8) break;
       }
     }
