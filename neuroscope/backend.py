@@ -151,8 +151,12 @@ class Backend(ABC):
         """Feed one token through the cache; return its features."""
 
     @abstractmethod
-    def sample(self) -> int:
-        """Sample the next token from the last logits with the sequence's sampling params."""
+    def sample(self, allowed: np.ndarray | None = None) -> int:
+        """Sample the next token from the last logits with the sequence's sampling params.
+
+        ``allowed`` (bool [n], n <= vocab; structured output, see ``neuroscope.grammar``) bars
+        every token it does not mark, ids from n on included, before any other step of sampling.
+        """
 
     @abstractmethod
     def batch_feature_stats(

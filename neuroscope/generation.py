@@ -16,6 +16,7 @@ import numpy as np
 from neuroscope.backend import Backend, LayerTopK, SamplingParams, StepFeatures
 from neuroscope.chat import ChatTokenizer, StopStrings
 from neuroscope.filters import FeatureFilter, FilterPlan
+from neuroscope.grammar import TokenConstraint
 from neuroscope.records import Feature, FinishReason, GenerationComplete, Phase, TokenFeatures
 from neuroscope.steering import CompiledSteering, MonitorEvent, MonitorWatch
 
@@ -199,8 +200,12 @@ def generate(
     report_bos: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     steering: CompiledSteering | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[Event]:
     """Run one request: prompt records, then per generated token its text and its records.
+
+    ``constraint`` (structured output, ``neuroscope.grammar``) says before each sample which
+    tokens may come next, and is told each token drawn.
 
     ``steering`` (compiled for this prompt) is handed to the backend with the prompt and lives
     as long as this sequence; its monitors yield a ``MonitorEvent`` after the record of the position
@@ -212,7 +217,11 @@ def generate(
     stops = StopStrings(stop)
 
     def draw() -> tuple[int, str]:
-        token = backend.sample()
+        if constraint is None:
+            token = backend.sample()
+        else:
+            token = backend.sample(constraint.allowed())
+            constraint.accept(token)
         if token in tokenizer.stop_token_ids:
             return token, tokenizer.token_text(token)
         return token, decoder.push(token)

@@ -28,6 +28,7 @@ from neuroscope.generation import (
     generate,
     prompt_records,
 )
+from neuroscope.grammar import Grammar, compile_response_format, parse_response_format
 from neuroscope.loading import (
     DEFAULT_MODEL,
     LoadFormat,
@@ -258,9 +259,11 @@ class Session:
         stop: str | Sequence[str] | None = None,
         should_stop: Any = None,
         steering: SteeringPlan | None = None,
+        response_format: Grammar | None = None,
     ) -> Iterator[Event]:
         """The raw event stream of one request (text, records, monitor events, completion), for
-        servers. ``steering`` must have been checked against this session (``steering_target``)."""
+        servers. ``steering`` must have been checked against this session (``steering_target``);
+        ``response_format`` is compiled by ``self.grammar`` (structured output)."""
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
         if not 0 < top_p <= 1:
@@ -273,7 +276,15 @@ class Session:
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             stop=stops, report_bos=self.report_bos, should_stop=should_stop or (lambda: False),
             steering=self._compile(steering, len(prompt_ids)),
+            constraint=response_format.start() if response_format is not None else None,
         )  # fmt: skip
+
+    def grammar(self, response_format: Any) -> Grammar | None:
+        """OpenAI's ``response_format`` (a dict: json_object or json_schema) compiled against this
+        model's tokenizer; None for plain text. Raises ``GrammarError`` (a ConfigError) saying why
+        when it cannot be honoured."""
+        fmt = parse_response_format(response_format)
+        return compile_response_format(self.tokenizer, fmt) if fmt is not None else None
 
     def steering_target(self, sae_hint: str = SAE_HINT_PYTHON) -> SteeringTarget:
         """What steering requests are checked against: this model and its SAEs."""
@@ -315,6 +326,7 @@ class Session:
         steering: Sequence[Any] | SteeringPlan | None = None,
         monitors: Sequence[Any] | None = None,
         positions: str = "all",
+        response_format: dict[str, Any] | None = None,
     ) -> Generation:
         """Generate a reply; iterate the result for records (prompt and generated, in position order).
 
@@ -323,15 +335,18 @@ class Session:
         ``{"layer": 12, "vector": [...]}``) or a ``neuroscope.steering`` dataclass; ``positions``:
         ``"all"`` (every position but the first) or ``"generation"``. ``monitors``: features to
         watch (``{"layer", "feature", "above", "action": "flag"|"stop"}``); those that fire are in
-        the result's ``monitor_events``. See docs/steering.md.
+        the result's ``monitor_events``. See docs/steering.md. ``response_format``: as in the chat
+        API (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
+        {...}}}``): the reply is JSON (matching the schema) by constrained decoding.
         """
         if phase not in ("all", "prompt", "generation"):
             raise ConfigError(f"phase must be 'all', 'prompt' or 'generation', got {phase!r}.")
         plan = self.steering_plan(steering, monitors, positions)
+        grammar = self.grammar(response_format)
         ids = self.encode(prompt_or_messages)
         events = self.events(
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-            steering=plan,
+            steering=plan, response_format=grammar,
         )  # fmt: skip
         return Generation(events, phase=phase)
 

@@ -186,9 +186,12 @@ class MLXBackend(Backend):
         self.last_residuals = residuals
         return features
 
-    def sample(self) -> int:
+    def sample(self, allowed: np.ndarray | None = None) -> int:
         seq = self._sequence("sample")
-        token = seq.next_token if seq.next_token is not None else self._draw(seq)
+        if allowed is not None:  # the token drawn ahead knew no mask: draw again, masked
+            token = self._draw(seq, allowed)
+        else:
+            token = seq.next_token if seq.next_token is not None else self._draw(seq)
         seq.next_token = None
         return int(np.asarray(token))
 
@@ -237,11 +240,11 @@ class MLXBackend(Backend):
         return self._to_host(features)
 
     @staticmethod
-    def _draw(seq: MLXSequence) -> mx.array:
+    def _draw(seq: MLXSequence, allowed: np.ndarray | None = None) -> mx.array:
         key = None
         if not seq.sampling.greedy:
             seq.key, key = mx.random.split(seq.key)
-        return sample_token(seq.logits, seq.sampling, key)
+        return sample_token(seq.logits, seq.sampling, key, allowed)
 
     def _sequence(self, what: str) -> MLXSequence:
         if self._seq is None:

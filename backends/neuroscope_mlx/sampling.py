@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from neuroscope.backend import SamplingParams
 
 
-def sample_token(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
-    """One token id (uint32 scalar) from float32 ``logits`` [vocab]; greedy needs no key."""
+def sample_token(
+    logits: mx.array,
+    params: SamplingParams,
+    key: mx.array | None,
+    allowed: np.ndarray | None = None,
+) -> mx.array:
+    """One token id (uint32 scalar) from float32 ``logits`` [vocab]; greedy needs no key.
+
+    ``allowed`` (bool [n], n <= vocab) bars every token it does not mark (structured output).
+    """
+    if allowed is not None:
+        keep = np.zeros(logits.shape[-1], dtype=bool)
+        n = min(len(allowed), logits.shape[-1])
+        keep[:n] = allowed[:n]
+        logits = mx.where(mx.array(keep), logits, mx.array(-mx.inf, logits.dtype))
     if params.greedy:
         return mx.argmax(logits, axis=-1)
     logits = logits / params.temperature

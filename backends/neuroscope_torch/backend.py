@@ -285,9 +285,14 @@ class TorchBackend(Backend):
         return self._sequence("last_logits").logits.cpu().numpy()
 
     @torch.inference_mode()
-    def sample(self) -> int:
+    def sample(self, allowed: np.ndarray | None = None) -> int:
         seq = self._sequence("sample")
         logits, s = seq.logits, seq.sampling
+        if allowed is not None:
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            n = min(len(allowed), logits.shape[-1])
+            keep[:n] = torch.from_numpy(np.ascontiguousarray(allowed[:n])).to(logits.device)
+            logits = logits.masked_fill(~keep, float("-inf"))
         if s.greedy:
             return int(logits.argmax())
         logits = logits / s.temperature

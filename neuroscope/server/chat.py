@@ -110,11 +110,15 @@ class ChatAPI:
             prepared = await self.engine.prepare(chat.messages, chat.max_tokens)
         except ConfigError as e:  # the chat template refused the messages, or they do not fit
             raise from_exception(e, param="messages") from None
+        try:  # a schema the constrained decoder cannot compile: 400, saying why
+            grammar = await self.engine.grammar(chat.response_format)
+        except ConfigError as e:
+            raise from_exception(e, param="response_format") from None
         handle = self.engine.submit(
             GenerationRequest(
                 request_id=request_id, prompt_ids=prepared.prompt_ids, max_tokens=prepared.max_tokens,
                 temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k, seed=chat.seed,
-                stop=chat.stop, steering=steering,
+                stop=chat.stop, steering=steering, response_format=grammar,
             )
         )  # fmt: skip
         headers = {"X-Request-Id": request_id}

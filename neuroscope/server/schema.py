@@ -3,7 +3,7 @@
 Parsed by hand rather than by a schema library so that every rejection names its field in ``param``
 and says what to send, as OpenAI's own errors do. Fields other OpenAI-compatible servers ignore are
 ignored here too (penalties, ``logit_bias``, ``user``, ``metadata``, ``store``, ...); fields whose
-meaning we cannot honour (``n`` > 1, ``tools``, ``logprobs``, a JSON ``response_format``) get a 400
+meaning we cannot honour (``n`` > 1, ``tools``, ``logprobs``) get a 400
 rather than a reply that silently is not what was asked for.
 """
 
@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuroscope.grammar import GrammarError, parse_response_format
 from neuroscope.server.errors import APIError
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -35,6 +36,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     neuroscope: Any = None  # the extension object, checked against the model by neuroscope.steering
+    response_format: dict[str, Any] | None = None  # json_object / json_schema (None: text)
 
 
 def _bad(param: str, message: str, code: str | None = None) -> APIError:
@@ -216,18 +218,17 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             "logprobs are not supported by this server; send logprobs=false.",
             "unsupported_parameter",
         )
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict):
-            raise _bad(
-                "response_format", "response_format must be an object like {'type': 'text'}."
-            )
-        if fmt.get("type") != "text":
-            raise _bad(
-                "response_format",
-                f"response_format type {json.dumps(fmt.get('type'))} is not supported; only 'text' is.",
-                "unsupported_value",
-            )
+
+
+
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON ``response_format`` (its shape checked here; the schema is compiled by the engine
+    against the model's tokenizer), or None for plain text."""
+    try:
+        fmt = parse_response_format(body.get("response_format"))
+    except GrammarError as e:
+        raise _bad("response_format", str(e), "unsupported_value") from None
+    return body["response_format"] if fmt is not None else None
 
 
 def check_model(body: dict[str, Any], served: str) -> None:
@@ -285,6 +286,7 @@ def parse_chat_request(raw: bytes, served_model: str) -> ChatRequest:
             stream_options or {}, "include_usage", where="stream_options.include_usage"
         ),
         neuroscope=body.get("neuroscope"),
+        response_format=_response_format(body),
     )
 
 
