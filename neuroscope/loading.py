@@ -54,6 +54,50 @@ PRESETS["google/gemma-2-2b"] = PRESETS["gemma-2-2b"]
 PRESETS["google/gemma-2-2b-it"] = PRESETS["gemma-2-2b"]
 
 
+def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, window: int,
+            max_pos: int, rope_scaling: dict | None = None) -> dict:  # fmt: skip
+    """A Gemma 3 text config as the Hub publishes it (a global layer every sixth)."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": window,
+        "sliding_window_pattern": 6,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(layers)],
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "rope_scaling": rope_scaling,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "bos_token_id": 2,
+        "eos_token_id": [1, 106], "pad_token_id": 0, "attention_bias": False,
+        "attention_dropout": 0.0,
+    }  # fmt: skip
+
+
+PRESETS["gemma-3-270m"] = _gemma3(640, 2048, 18, 4, 1, 262144, 512, 32768)
+PRESETS["gemma-3-1b"] = _gemma3(1152, 6912, 26, 4, 1, 262144, 512, 32768)
+# Gemma 3 4B's language model (the published checkpoint adds a vision tower, not built here).
+PRESETS["gemma-3-4b"] = _gemma3(
+    2560, 10240, 34, 8, 4, 262208, 1024, 131072, {"rope_type": "linear", "factor": 8.0}
+)
+PRESETS["llama-3.1-8b"] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+}  # fmt: skip
+for _name in ("gemma-3-270m", "gemma-3-1b", "gemma-3-4b"):  # the Hub's names, base and -it
+    for _alias in (f"{_name}-it", f"google/{_name}", f"google/{_name}-it", f"google/{_name}-pt"):
+        PRESETS[_alias] = PRESETS[_name]
+for _alias in ("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct"):  # fmt: skip
+    PRESETS[_alias] = PRESETS["llama-3.1-8b"]
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str  # what the user asked for, as served in /v1/models
