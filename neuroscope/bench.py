@@ -7,7 +7,10 @@ loaded ``Session``, so only the instrumentation differs between the modes:
   sampling run, no feature is computed and no record is built;
 - ``sae``: the session's SAEs: encode and top-k on the device, records built on the host;
 - ``hub``: as ``sae``, and every record is published to a ``neuroscope.hub.Hub`` with N subscribers
-  draining it on an asyncio loop in another thread, as the SSE server does.
+  draining it on an asyncio loop in another thread, as the SSE server does;
+- ``steer`` (with ``steering=``): as ``sae``, with a request's steering and monitors applied at every
+  step (``neuroscope.steering``); its cost is also given against ``sae``, the per-step price of
+  steering itself.
 
 The modes run alternately, in a rotating order, for several rounds in one process, so that machine
 drift (thermal state, other processes, allocator warm-up) hits every mode alike. Within a round the
@@ -47,6 +50,7 @@ from neuroscope.backend import SamplingParams
 from neuroscope.errors import ConfigError
 from neuroscope.generation import generate
 from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.steering import CompiledSteering, SteeringPlan, parse_plan
 
 DEFAULT_PROMPT = (
     "Explain in a few sentences why the sky is blue during the day and red at sunset, "
@@ -155,6 +159,7 @@ def run_once(
     mode: str,
     publish: Callable[[Any], None] | None = None,
     tokenizer: Any = None,
+    steering: CompiledSteering | None = None,
 ) -> RunTiming:
     """Generate ``tokens`` tokens greedily through the full loop with whatever SAEs are set now."""
     backend = _TimedBackend(session.backend)
@@ -163,6 +168,7 @@ def run_once(
     events = generate(
         backend, tokenizer or fixed_length_tokenizer(session.tokenizer), session.builder, prompt_ids,  # type: ignore[arg-type]
         request_id=f"bench-{mode}", max_tokens=tokens, sampling=GREEDY, report_bos=session.report_bos,
+        steering=steering,
     )  # fmt: skip
     for event in events:
         if isinstance(event, TokenFeatures):
@@ -441,6 +447,11 @@ class BenchReport:
     peak_device_mib: float | None
     machine: dict[str, Any]
     command: list[str] = field(default_factory=list)
+    steering: dict[str, Any] | None = None  # the plan of the steer mode, as the chat API echoes it
+    steer_overhead_ratio: float | None = None  # steer vs plain, as overhead_ratio
+    steer_overhead_ratio_best: float | None = None
+    steer_vs_sae_ratio: float | None = None  # steer vs sae: the price of steering itself
+    steer_vs_sae_ratios_by_round: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The flat headline figures (what the table prints)."""
@@ -492,6 +503,20 @@ def set_instrumented(session: Any, on: bool) -> None:
         session.backend.set_saes({}, session.builder.backend_top_k)
 
 
+def default_steering(session: Any) -> SteeringPlan:
+    """What the steer mode applies at the first hooked layer: a feature add, an ablation and a
+    monitor that never fires (so every run generates all its tokens), on every position."""
+    layer = session.layers[0]
+    return parse_plan(
+        [
+            {"layer": layer, "feature": 0, "strength": 4.0},
+            {"layer": layer, "feature": 1, "mode": "ablate"},
+        ],
+        [{"layer": layer, "feature": 2, "above": 1e4, "action": "flag"}],
+        target=session.steering_target(),
+    )
+
+
 def run_bench(
     session: Any,
     *,
@@ -501,16 +526,22 @@ def run_bench(
     subscribers: int = 4,
     warmup: int = 1,
     log: Log = _quiet,
+    steering: SteeringPlan | None = None,
 ) -> BenchReport:
     """Measure ``session`` in every mode, alternately; see the module docstring.
 
+    With ``steering`` (see ``default_steering``), the ``steer`` mode runs too.
     Leaves the session as it found it (its SAEs set).
     """
     check_arguments(tokens=tokens, rounds=rounds, subscribers=subscribers, warmup=warmup)
     prompt_ids = session.encode(prompt)
     tokens = session.check_length(prompt_ids, tokens)
     layer = session.layers[0]
-    modes = [m for m in MODES if m != "hub" or subscribers > 0]
+    modes = [m for m in MODES if m != "hub" or subscribers > 0] + (["steer"] if steering else [])
+    compiled = None
+    if steering:
+        decoders = {L: sae.W_dec for L, sae in session.saes.items()}
+        compiled = steering.compile(decoders, len(prompt_ids))
     tokenizer = fixed_length_tokenizer(session.tokenizer)
     fan_out = HubFanOut(subscribers) if subscribers > 0 else None
     timings: dict[str, list[RunTiming]] = {m: [] for m in modes}
@@ -519,7 +550,8 @@ def run_bench(
         set_instrumented(session, mode != "plain")
         publish = fan_out.publish if mode == "hub" and fan_out else None
         before = fan_out.delivered() if fan_out else []
-        timing = run_once(session, prompt_ids, n, mode, publish, tokenizer)
+        steer = compiled if mode == "steer" else None
+        timing = run_once(session, prompt_ids, n, mode, publish, tokenizer, steer)
         if publish and fan_out:
             # Outside the timed span, so that one run's backlog never lands in the next one's.
             fan_out.wait_delivered([b + timing.records + 1 for b in before])  # + completion
@@ -549,8 +581,8 @@ def run_bench(
         if fan_out is not None:
             fan_out.close()
 
-    def by_round(mode: str, best: bool = False) -> list[float]:
-        pairs = zip(timings[mode], timings["plain"], strict=True)
+    def by_round(mode: str, best: bool = False, base: str = "plain") -> list[float]:
+        pairs = zip(timings[mode], timings[base], strict=True)
         if best:
             return [a.best_step_s / b.best_step_s for a, b in pairs]
         return [a.median_step_s / b.median_step_s for a, b in pairs]
@@ -590,6 +622,13 @@ def run_bench(
         peak_rss_mib=peak_rss_mib(),
         peak_device_mib=session.backend.peak_memory_mib(),
         machine=machine_info(),
+        steering=steering.to_dict() if steering else None,
+        steer_overhead_ratio=statistics.median(by_round("steer")) if steering else None,
+        steer_overhead_ratio_best=(
+            statistics.median(by_round("steer", best=True)) if steering else None
+        ),
+        steer_vs_sae_ratio=statistics.median(by_round("steer", base="sae")) if steering else None,
+        steer_vs_sae_ratios_by_round=by_round("steer", base="sae") if steering else [],
     )
 
 
@@ -618,11 +657,13 @@ def format_table(report: BenchReport) -> str:
         "plain": "uninstrumented (no SAE)",
         "sae": "instrumented, 1 SAE",
         "hub": f"instrumented + hub, {r.subscribers} subscribers",
+        "steer": f"instrumented + steering ({len((r.steering or {}).get('steering', []))} entries)",
     }
     ratios = {
         "plain": (1.0, 1.0),
         "sae": (r.overhead_ratio, r.overhead_ratio_best),
         "hub": (r.hub_overhead_ratio, r.hub_overhead_ratio_best),
+        "steer": (r.steer_overhead_ratio, r.steer_overhead_ratio_best),
     }
 
     def pct(ratio: float | None) -> str:
@@ -664,6 +705,14 @@ def format_table(report: BenchReport) -> str:
         f"peak memory: {r.peak_rss_mib:,.0f} MiB resident"
         + (f", {r.peak_device_mib:,.0f} MiB on the device" if r.peak_device_mib else ""),
     ]
+    if r.steer_vs_sae_ratio is not None:
+        sae_ms, steer_ms = r.modes["sae"].decode_step_ms, r.modes["steer"].decode_step_ms
+        lines.append(
+            f"steering (vs instrumented, per decode step): {(r.steer_vs_sae_ratio - 1) * 100:+.1f}% "
+            f"({steer_ms - sae_ms:+.3f} ms; rounds "
+            + " ".join(f"{x:.2f}" for x in r.steer_vs_sae_ratios_by_round)
+            + ")"
+        )
     if r.hub_dropped:
         lines.append(f"hub: subscribers lost {r.hub_dropped} events (queues full)")
     return "\n".join(lines)
@@ -677,6 +726,7 @@ __all__ = [
     "RunTiming",
     "format_table",
     "check_arguments",
+    "default_steering",
     "fixed_length_tokenizer",
     "machine_info",
     "measure_record_cost",

@@ -571,3 +571,25 @@ def test_smollm2_add_and_clamp_equal_the_hooked_reference(backend, smol, smol_sa
     reads = [{f.index: f.activation for f in r.top_features}.get(9) for r in clamped]
     assert clamped[0].position == 0 and reads[0] != 80.0  # SmolLM2's text has no BOS
     assert all(value == 80.0 for value in reads[1:])
+
+
+def test_bench_has_a_steering_mode(tiny_model, tiny_sae):
+    pytest.importorskip("torch")
+    from conftest import TINY_LAYER
+
+    from neuroscope import Session
+    from neuroscope.bench import default_steering, format_table, run_bench
+
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=TINY_LAYER,
+        backend="torch", top_k=5,
+    ) as s:  # fmt: skip
+        plan = default_steering(s)
+        report = run_bench(s, tokens=3, rounds=1, subscribers=0, warmup=0, steering=plan)
+        after = s.generate(QUESTION, max_tokens=3, temperature=0.0).run()
+    assert set(report.modes) == {"plain", "sae", "steer"}
+    assert report.steering == plan.to_dict() and len(report.steer_vs_sae_ratios_by_round) == 1
+    assert len(report.modes["steer"].runs[0]["step_s"]) == 3  # the monitor never ends a run
+    assert "instrumented + steering (2 entries)" in format_table(report)
+    assert "steering (vs instrumented, per decode step)" in format_table(report)
+    assert after.monitor_events == []  # nothing of the bench's plan stays behind

@@ -73,6 +73,14 @@ def bench_command(
             "--subscribers", help="Hub subscribers for the fan-out mode (0 leaves the mode out)."
         ),
     ] = 4,
+    steering: Annotated[
+        bool,
+        typer.Option(
+            "--steering",
+            help="Also time a steered mode: a feature add, an ablation and a monitor at the SAE "
+            "layer (the per-step cost of steering).",
+        ),
+    ] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the full report here as JSON.")
     ] = None,
@@ -104,6 +112,7 @@ def bench_command(
             report = bench.run_bench(
                 session, prompt=prompt, tokens=tokens, rounds=rounds, subscribers=subscribers,
                 warmup=warmup, log=log,
+                steering=bench.default_steering(session) if steering else None,
             )  # fmt: skip
         report.command = _command_line(ctx)
         typer.echo(bench.format_table(report))
