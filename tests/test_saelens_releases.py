@@ -85,8 +85,9 @@ def test_the_shipped_table_is_saelens_own() -> None:
         for sae_id, path in lookup.saes_map.items():
             e = resolve_release(name, sae_id)
             assert e.path == str(path)
+            assert e.cfg_overrides == (lookup.config_overrides or {})
             assert e.neuronpedia == (lookup.neuronpedia_id or {}).get(sae_id)
-            assert e.norm_scaling_factor == (lookup.expected_norm_scaling_factors or {}).get(sae_id)
+            assert e.norm_scaling_factor == (lookup.norm_scaling_factor or {}).get(sae_id)
             checked += 1
     print(f"\n{checked} SAEs of {len(theirs)} releases agree with SAELens' table")
     assert checked > 10_000
