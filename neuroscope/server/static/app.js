@@ -229,6 +229,10 @@
       askForKey(refused ? "The server refused this key." : "");
       return;
     }
+    if (response.status === 400 && state.lastEventId) {
+      state.lastEventId = null; // an id of another server's stream (it restarted): start afresh
+      return retry(0, "stream restarted");
+    }
     if (!response.ok) return retry(attempt, `feature stream answered ${response.status}`);
     $("key-form").hidden = true;
     $("key-error").textContent = "";
