@@ -458,3 +458,31 @@ def test_a_killed_run_resumes_without_repeating_answered_requests(tmp_path: Path
         "sk-local-secret" not in p.read_text() for p in labels_file.parent.rglob("*") if p.is_file()
     )
     assert all(r["body"]["model"] == "test/labeler" for r in server.requests)
+
+
+def test_generate_command_finds_the_model_and_summarises_failures_by_reason(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+
+    sae_id = str(tmp_path / "sae" / "params.npz")
+    make_examples(
+        ex.examples_dir("test/model", sae_id), width=WIDTH, model="test/model", sae=sae_id
+    )
+    args = ["labels", "generate", "--model", "test/model", "--sae-local-path", sae_id,
+            "--sae-layer", "0", "--samples", "40", "--examples-per-feature", "8"]  # fmt: skip
+    script = lambda f, a: "garbage" if f == 3 else PLAIN[f % 4]  # noqa: E731
+    with FakeLabeler(WIDTH, script, reject_formats=("json_schema",), models=["local/m"]) as server:
+        result = CliRunner().invoke(app, [*args, "--labeler-backend", server.url])
+        assert {r["body"]["model"] for r in server.requests} == {"local/m"}
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "Labeler: local/m at" in out
+    assert f"Labelled {WIDTH - 1} features, 1 failed (1 unusable answer)" in out
+    assert "json_object output" in out and "s per answer" in out
+    assert "#3 failed after 3 tries: unusable answer (no label in the answer" in out
+    assert "'label of f5'" in out  # one line per feature against a local server
+    labels_file = store.autointerp_dir("local/m", "test/model", sae_id) / store.LABELS_FILE
+    assert store.Journal(labels_file).load()[3]["status"] == "failed"
