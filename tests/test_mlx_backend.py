@@ -616,3 +616,63 @@ def test_decode_speed_with_and_without_sae_hooks(folder, sae_paths, prompt) -> N
     print(
         "decode tokens/s on the tiny model: " + ", ".join(f"{k}: {v:.0f}" for k, v in rates.items())
     )
+
+
+# --- pipelining --------------------------------------------------------------------------------
+
+
+def _run_steps(
+    backend: MLXBackend, prompt: list[int], sampling: SamplingParams, feed: list[int] | None
+):
+    """Prefill, then 12 decode steps: on the sampled token (feed None) or on the given tokens."""
+    out = [backend.prefill(prompt[:10], sampling)]
+    tokens = []
+    for i in range(12):
+        token = backend.sample()
+        tokens.append(token)
+        out.append(backend.decode(token if feed is None else feed[i]))
+    return tokens, out, backend.last_logits.copy(), dict(backend.last_residuals)
+
+
+@pytest.mark.parametrize(
+    "sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, seed=11)]
+)
+@pytest.mark.parametrize("feed", ["sampled", "other tokens"])
+def test_pipelined_decode_equals_one_step_at_a_time(
+    clean, prompt, sae_paths, sampling, feed
+) -> None:
+    """With step n+1 scheduled before the host reads step n (mlx-lm's pipelining), every token,
+    feature, residual and logit is the same as one step at a time; decoding a token other than
+    the one drawn ahead (a stop, a masked redraw, a forced token) trims the speculative step away."""
+    clean.set_saes({2: load_local(sae_paths["npz"])}, top_k=8)
+    clean.record_residuals([1])
+    tokens_fed = None if feed == "sampled" else prompt[10:22]
+    runs = {}
+    for pipeline in (True, False):
+        clean.pipeline = pipeline
+        try:
+            runs[pipeline] = _run_steps(clean, prompt, sampling, tokens_fed)
+        finally:
+            clean.pipeline = True
+    (tok_a, feats_a, logits_a, res_a), (tok_b, feats_b, logits_b, res_b) = runs[True], runs[False]
+    assert tok_a == tok_b
+    for a, b in zip(feats_a, feats_b, strict=True):
+        np.testing.assert_array_equal(a[2].indices, b[2].indices)
+        np.testing.assert_array_equal(a[2].activations, b[2].activations)
+    np.testing.assert_array_equal(logits_a, logits_b)
+    np.testing.assert_array_equal(res_a[1], res_b[1])
+    if feed == "other tokens":  # the cache held the fed tokens only: features equal a fresh prefill
+        fresh = clean.prefill(prompt[:22], SamplingParams(temperature=0.0))
+        last = np.concatenate([f[2].activations for f in feats_a])
+        np.testing.assert_allclose(last, fresh[2].activations, atol=1e-5)
+
+
+def test_a_step_is_scheduled_ahead_and_dropped_when_settings_change(
+    clean, prompt, sae_paths
+) -> None:
+    clean.set_saes({2: load_local(sae_paths["npz"])}, top_k=8)
+    clean.prefill(prompt[:10], SamplingParams(temperature=0.0))
+    seq = clean._sequence("test")
+    assert seq.ahead is not None and seq.cache[0].offset == 11  # 10 + the step ahead
+    clean.set_steering(1, np.zeros(clean.info.hidden_size, np.float32))
+    assert seq.ahead is None and seq.cache[0].offset == 10

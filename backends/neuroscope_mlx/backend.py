@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from neuroscope.backend import (
     Backend,
@@ -45,6 +45,23 @@ TopK = dict[int, tuple[mx.array, mx.array, mx.array | None]]
 
 
 @dataclass
+class AheadStep:
+    """The next decode step, scheduled on the device before the host has read the current one.
+
+    It runs on the token drawn at the end of the current step (``token``, lazy when scheduled), so
+    the device computes step n+1 while the host builds step n's records (mlx-lm's pipelining).
+    ``decode`` takes it when asked for that token; otherwise the cache is trimmed back.
+    """
+
+    token: mx.array  # the token it was run on (the sequence's next_token when scheduled)
+    key_before: mx.array  # the sequence's key then: a redraw since (a masked sample) voids it
+    key_after: mx.array  # the key after its own draw
+    logits: mx.array  # float32 [vocab]
+    next_token: mx.array  # drawn from ``logits``
+    features: tuple[TopK, dict[int, mx.array]]
+
+
+@dataclass
 class MLXSequence:
     """The state of one sequence: its KV cache, how it samples, its last logits and the token
     already drawn from them (with the step's graph) that ``sample`` has not taken yet."""
@@ -56,12 +73,15 @@ class MLXSequence:
     next_token: mx.array | None = None
     position: int = 0  # tokens in the cache
     steering: SequenceSteering | None = None  # this sequence's steering and monitors
+    ahead: AheadStep | None = None  # the next decode step, already scheduled
 
 
 class MLXBackend(Backend):
     name = "mlx"
     # Prompt tokens per forward pass: bounds the attention and activation memory of long prompts.
     prefill_step = 512
+    # Schedule decode step n+1 before the host reads step n (see AheadStep); off: one step at a time.
+    pipeline = True
 
     def __init__(self, model: nn.Module, config: dict[str, Any], dtype: mx.Dtype):
         """Wrap a loaded model (use :meth:`load`)."""
@@ -117,6 +137,7 @@ class MLXBackend(Backend):
 
     def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
         self._check_layer(layer)
+        self._drop_ahead()  # it was built with the old vector
         if vector is None:
             self._hooks[layer].steering = None
             return
@@ -179,12 +200,19 @@ class MLXBackend(Backend):
 
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")
+        ids = self._check_ids([token_id])
         first = seq.position
-        seq.logits = self._last_logits(seq.cache, self._check_ids([token_id]), first, seq.steering)
+        ahead = self._take_ahead(seq, token_id)
+        if ahead is None:
+            seq.logits = self._last_logits(seq.cache, ids, first, seq.steering)
+            features: tuple[TopK, dict[int, mx.array]] | None = None
+        else:
+            seq.logits, seq.next_token, seq.key = ahead.logits, ahead.next_token, ahead.key_after
+            features = ahead.features
         seq.position += 1
-        features, residuals = self._finish_step(seq, first)
+        host, residuals = self._finish_step(seq, first, features)
         self.last_residuals = residuals
-        return features
+        return host
 
     def sample(self, allowed: np.ndarray | None = None) -> int:
         seq = self._sequence("sample")
@@ -201,7 +229,11 @@ class MLXBackend(Backend):
         return np.array(self._sequence("last_logits").logits)
 
     def _run(
-        self, cache: list[Any], ids: list[int], first: int, steering: SequenceSteering | None
+        self,
+        cache: list[Any],
+        ids: list[int] | mx.array,
+        first: int,
+        steering: SequenceSteering | None,
     ) -> mx.array:
         """Build the (lazy) forward graph of ``ids`` at positions from ``first``: the logits.
 
@@ -215,7 +247,8 @@ class MLXBackend(Backend):
                 hook.edit = lambda h, layer=layer: steering.apply(layer, h, first)
                 edited.append(hook)
         try:
-            return self.model(mx.array([ids]), cache=cache)
+            inputs = ids if isinstance(ids, mx.array) else mx.array([ids])  # [1, T]
+            return self.model(inputs, cache=cache)
         finally:
             for hook in edited:
                 hook.edit = None
@@ -231,13 +264,54 @@ class MLXBackend(Backend):
         return self._run(cache, ids, first, steering)[0, -1].astype(mx.float32)
 
     def _finish_step(
-        self, seq: MLXSequence, first: int
+        self,
+        seq: MLXSequence,
+        first: int,
+        features: tuple[TopK, dict[int, mx.array]] | None = None,
     ) -> tuple[StepFeatures, dict[int, np.ndarray]]:
-        """Sample the next token from the step's logits and take its features, in one evaluation."""
-        seq.next_token = self._draw(seq)
+        """Sample the next token from the step's logits and take its features, in one evaluation
+        (``features``: of a step scheduled ahead, whose token is drawn already). With
+        ``pipeline``, the next step is scheduled before this one's features are read."""
+        if features is None:
+            seq.next_token = self._draw(seq)
+            features = self._features(seq.steering, first)
+        if not self.pipeline or not can_trim_prompt_cache(seq.cache):
+            mx.eval(seq.next_token, seq.logits, features)
+            return self._to_host(features)
+        mx.async_eval(seq.next_token, seq.logits, features)
+        seq.ahead = self._schedule_ahead(seq)
+        return self._to_host(features)  # waits for this step only; the next one runs meanwhile
+
+    def _schedule_ahead(self, seq: MLXSequence) -> AheadStep:
+        """Build and start the step on the token just drawn, without the host reading it."""
+        assert seq.next_token is not None
+        token = seq.next_token
+        first = seq.position
+        logits = self._run(seq.cache, token.reshape(1, 1), first, seq.steering)[0, -1]
+        logits = logits.astype(mx.float32)
         features = self._features(seq.steering, first)
-        mx.eval(seq.next_token, seq.logits, features)
-        return self._to_host(features)
+        key_after, sub = seq.key, None
+        if not seq.sampling.greedy:
+            key_after, sub = mx.random.split(seq.key)
+        next_token = sample_token(logits, seq.sampling, sub)
+        mx.async_eval(next_token, logits, features)
+        return AheadStep(token, seq.key, key_after, logits, next_token, features)
+
+    def _take_ahead(self, seq: MLXSequence, token_id: int) -> AheadStep | None:
+        """The step scheduled ahead if it ran on ``token_id`` with the sequence's current key;
+        otherwise it is dropped (and the cache trimmed back)."""
+        ahead, seq.ahead = seq.ahead, None
+        if ahead is None:
+            return None
+        if int(np.asarray(ahead.token)) == token_id and ahead.key_before is seq.key:
+            return ahead
+        trim_prompt_cache(seq.cache, 1)
+        return None
+
+    def _drop_ahead(self) -> None:
+        if self._seq is not None and self._seq.ahead is not None:
+            self._seq.ahead = None
+            trim_prompt_cache(self._seq.cache, 1)
 
     @staticmethod
     def _draw(seq: MLXSequence, allowed: np.ndarray | None = None) -> mx.array:
@@ -273,6 +347,7 @@ class MLXBackend(Backend):
     # --- SAE features --------------------------------------------------------------------
 
     def _update_capture(self) -> None:
+        self._drop_ahead()  # it was built with the old SAEs or recorded layers
         for layer, hook in enumerate(self._hooks):
             hook.capture = layer in self._saes or layer in self._recorded
             hook.captured = None
