@@ -36,6 +36,9 @@ ENTRY_POINT_GROUP = "neuroscope.backends"
 EXTRA_FOR_BACKEND = {"mlx": "mlx", "torch": "torch"}
 
 
+GREEDY_BELOW = 1e-6  # temperatures below this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token; ``temperature == 0`` is greedy."""
@@ -47,7 +50,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below GREEDY_BELOW, dividing float32 logits by the temperature overflows to inf; the
+        # distribution is already the argmax to float32 precision there.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

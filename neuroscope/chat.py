@@ -107,7 +107,7 @@ class ChatTokenizer:
                 raise ConfigError(f"The model's chat template rejected the messages: {e}") from None
         try:
             return self._apply_template(fold_system(normalized))
-        except TemplateError as e:
+        except (TemplateError, ValueError) as e:  # ValueError: only system turns, nothing to fold into
             raise ConfigError(f"The model's chat template rejected the messages: {e}") from None
 
     def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:

@@ -602,6 +602,13 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("stop empty", with_(stop=""), 400, "stop", None),
     ("an empty stop in a list", with_(stop=["end", ""]), 400, "stop[1]", None),
     (
+        "only system turns that the template refuses (nothing to fold them into)",
+        with_(messages=[{"role": "system", "content": ""}]),
+        400,
+        "messages",
+        None,
+    ),
+    (
         "prompt longer than the context",
         with_(messages=[{"role": "user", "content": "hello " * 1500}]),
         400,
@@ -653,3 +660,15 @@ def test_the_openai_client_raises_typed_errors(client) -> None:
             model="x", messages=[], max_tokens=2, extra_body={"model": None}
         )
     assert bad.value.body["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"top_p": 5e-324}, {"temperature": 5e-324}, {"temperature": 1e-30, "top_p": 1e-30}],
+    ids=["top_p below float32", "temperature below float32", "both tiny"],
+)
+def test_extreme_but_valid_sampling_values_are_served(chat_url, sampling) -> None:
+    """Found by schemathesis: a top_p that rounds to 0 in float32 dropped every token (a 500)."""
+    r = post(chat_url, with_(**sampling))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1

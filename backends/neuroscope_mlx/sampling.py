@@ -37,6 +37,7 @@ def sample_token(
         desc = mx.sort(logits, axis=-1)[::-1]
         probs = mx.softmax(desc, axis=-1)
         before = mx.cumsum(probs, axis=-1) - probs
-        cutoff = mx.min(mx.where(before < params.top_p, desc, mx.inf))
+        # ``before <= 0``: the most likely token stays (a tiny top_p rounds to 0 in float32).
+        cutoff = mx.min(mx.where((before < params.top_p) | (before <= 0), desc, mx.inf))
         logits = mx.where(logits >= cutoff, logits, neg_inf)
     return mx.random.categorical(logits, key=key)

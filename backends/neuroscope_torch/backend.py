@@ -304,6 +304,7 @@ class TorchBackend(Backend):
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
             drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+            drop[..., 0] = False  # the most likely token stays (a tiny top_p rounds to 0 in float32)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -14,9 +14,13 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody
 from litestar.response import Stream
 
 from neuroscope.engine import Completion, Engine, EngineClosed, GenerationRequest, RequestHandle
@@ -31,7 +35,12 @@ from neuroscope.server.errors import (
     error_body,
     from_exception,
 )
-from neuroscope.server.schema import ChatRequest, parse_chat_request, request_id_from_header
+from neuroscope.server.schema import (
+    CHAT_REQUEST_SCHEMA,
+    ChatRequest,
+    parse_chat_request,
+    request_id_from_header,
+)
 from neuroscope.session import new_request_id
 from neuroscope.steering import MonitorEvent, SteeringError, SteeringPlan, parse_neuroscope
 
@@ -245,12 +254,42 @@ async def _result_unless_disconnected(handle: RequestHandle, request: Request) -
     return result.result() if result.done() and not result.cancelled() else None
 
 
+@dataclass
+class ChatCompletionOperation(Operation):
+    """The OpenAPI operation of ``POST /v1/chat/completions`` with its request body described: the
+    handler parses the body itself (to name the field of every error), so Litestar cannot see it."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=CHAT_REQUEST_SCHEMA)},  # type: ignore[arg-type]
+            required=True,
+        )
+
+
+OPENAPI_PATH = "/openapi.json"
+
+
+def openapi_config() -> OpenAPIConfig:
+    """The chat API's OpenAPI document at ``/openapi.json`` (JSON only: the UIs load scripts from
+    CDNs). It is behind the API key like everything but the open list: it tells a client with a
+    key how to call the API and tells anyone else nothing they may use."""
+    from neuroscope import __version__
+
+    return OpenAPIConfig(
+        title="Neuroscope chat API (OpenAI-compatible)",
+        version=__version__,
+        path=OPENAPI_PATH,
+        render_plugins=[JsonRenderPlugin(path="/")],
+    )
+
+
 def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
     """The ASGI app for :8080 (every route but the open ones needs ``api_key`` when it is set)."""
     api = ChatAPI(engine)
 
-    @post("/v1/chat/completions", status_code=200)
+    @post("/v1/chat/completions", status_code=200, operation_class=ChatCompletionOperation)
     async def chat_completions(request: Request) -> Response:
+        """OpenAI's chat completions, streaming (SSE) or not; the id is the feature records' id."""
         return await api.chat_completions(request)
 
     @get("/v1/models")
@@ -269,7 +308,7 @@ def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
         route_handlers=[chat_completions, models, model_info, health],
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards(api_key),
-        openapi_config=None,
+        openapi_config=openapi_config(),
         logging_config=None,  # leave the host application's logging alone
     )
     return app

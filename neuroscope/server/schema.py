@@ -220,7 +220,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         )
 
 
-
 def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     """A JSON ``response_format`` (its shape checked here; the schema is compiled by the engine
     against the model's tokenizer), or None for plain text."""
@@ -302,3 +301,71 @@ def request_id_from_header(value: str | None, new_id: str) -> str:
             param="X-Request-Id",
         )
     return value if value.startswith("chatcmpl-") else f"chatcmpl-{value}"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": list(ROLES)},
+        "content": {
+            "anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}],
+            "description": "A string, or text parts (joined with newlines).",
+        },
+    },
+}
+_NON_EMPTY = {"type": "string", "minLength": 1}
+
+# The body of POST /v1/chat/completions as JSON Schema, for the published OpenAPI document: what
+# parse_chat_request accepts. Unknown fields are accepted (and ignored), as OpenAI's clients send them.
+CHAT_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": _nullable({"type": "string", "description": "The served name (GET /v1/models)."}),
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "max_tokens": _nullable({"type": "integer", "minimum": 1}),
+        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "top_k": _nullable(
+            {"type": "integer", "minimum": -1, "description": "vLLM's extension; 0 or -1: off."}
+        ),
+        "seed": _nullable({"type": "integer"}),
+        "stop": _nullable({"anyOf": [_NON_EMPTY, {"type": "array", "items": _NON_EMPTY}]}),
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable(
+            {"type": "object", "properties": {"include_usage": _nullable({"type": "boolean"})}}
+        ),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
+        "logprobs": _nullable({"const": False}),
+        "top_logprobs": _nullable({"type": "integer", "minimum": 0}),
+        "response_format": _nullable(
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"enum": ["text", "json_object", "json_schema"]},
+                    "json_schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": _nullable({"type": "boolean"}),
+                        },
+                    },
+                },
+                "description": "JSON output by constrained decoding (json_object, json_schema).",
+            }
+        ),
+    },
+}
