@@ -52,6 +52,7 @@ def start_server(
 class Event:
     name: str
     data: dict[str, Any]
+    id: str | None = None
 
 
 class FeatureStream:
@@ -85,7 +86,7 @@ class FeatureStream:
                 self._connected.set()
                 for sse in source.iter_sse():
                     with self._changed:
-                        self.events.append(Event(sse.event, json.loads(sse.data)))
+                        self.events.append(Event(sse.event, json.loads(sse.data), sse.id or None))
                         self._changed.notify_all()
         except BaseException as e:  # noqa: BLE001 - closed by the test, or the server stopped
             self.error = e

@@ -52,9 +52,27 @@ def event_filter(
 
 
 def format_sse(item: Published | Dropped) -> str:
+    """One SSE event. Every event has an ``id:`` (hub-wide, increasing), so a client that
+    reconnects with ``Last-Event-ID`` resumes after it; a ``dropped`` notice carries the id of the
+    newest event it stands for."""
     if isinstance(item, Dropped):
-        return f'event: dropped\ndata: {{"dropped":{item.count}}}\n\n'
-    return f"event: {item.name}\ndata: {item.data}\n\n"
+        return f'id: {item.last_id}\nevent: dropped\ndata: {{"dropped":{item.count}}}\n\n'
+    return f"id: {item.id}\nevent: {item.name}\ndata: {item.data}\n\n"
+
+
+def last_event_id(request: Request) -> int | None:
+    """The ``Last-Event-ID`` a reconnecting client sends (browsers' EventSource does it itself)."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.strip():
+        return None
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise APIError(
+            400,
+            f"Last-Event-ID must be the id of an event of this stream (a whole number), got {raw!r}.",
+            param="Last-Event-ID",
+        )
+    return int(raw)
 
 
 async def sse_stream(
@@ -67,13 +85,15 @@ async def sse_stream(
     would take event-loop (and GIL) time from generation. 20 ms is below what a viewer notices.
     """
     try:
-        yield ": subscribed\n\n"
+        # Comments are single lines with no blank line after them: a blank line ends an event, and
+        # after an ``id:`` some clients (httpx-sse) report an empty event for every blank line.
+        yield ": subscribed\n"
         while True:
             items = await sub.get(timeout=keepalive_s)
             if items is None:
                 return
             if not items:
-                yield ": keep-alive\n\n"
+                yield ": keep-alive\n"
                 continue
             if coalesce_s > 0:
                 await asyncio.sleep(coalesce_s)
@@ -120,8 +140,9 @@ def create_features_app(
                 400, f"phase must be one of {', '.join(PHASES)}, got {phase!r}.", param="phase"
             )
         layer = _layer_param(request, engine)
+        after = last_event_id(request)
         # Subscribe before the response starts: once a client has the headers, it misses nothing.
-        sub = hub.subscribe(event_filter(request_id, phase, layer), subscriber_queue)
+        sub = hub.subscribe(event_filter(request_id, phase, layer), subscriber_queue, after=after)
         return Stream(
             sse_stream(sub, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS
         )

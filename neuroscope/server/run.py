@@ -23,7 +23,7 @@ import uvicorn
 
 from neuroscope.engine import Engine, EngineInfo
 from neuroscope.errors import ConfigError
-from neuroscope.hub import DEFAULT_SUBSCRIBER_QUEUE, Hub
+from neuroscope.hub import DEFAULT_REPLAY, DEFAULT_SUBSCRIBER_QUEUE, Hub
 from neuroscope.server.chat import create_chat_app
 from neuroscope.server.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
 from neuroscope.server.features import DEFAULT_KEEPALIVE_S, create_features_app
@@ -42,6 +42,7 @@ class ServeConfig:
     max_model_len: int | None = None
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE
+    replay_events: int = DEFAULT_REPLAY  # hub-wide ring for clients resuming with Last-Event-ID
     graceful_timeout_s: float = 5.0  # after this, connections still open at shutdown are cut
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # a request's complete headers, per request
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # per port; beyond it new requests get a 503
@@ -131,6 +132,7 @@ class ServerPair:
         )  # fmt: skip
         self.servers = [_Uvicorn(self._uvicorn_config(app)) for app in (chat, features)]
         self.stopping = False
+        self._hub_closing: asyncio.Future[None] | None = None
 
     def _uvicorn_config(self, app: Any) -> uvicorn.Config:
         return uvicorn.Config(
@@ -164,9 +166,18 @@ class ServerPair:
             return
         self.stopping = True
         self.engine.cancel_all()  # queued requests are skipped, the running one stops in a token
-        self.engine.hub.close()  # feature streams end, so their connections can close
         for server in self.servers:
             server.should_exit = True
+        self._hub_closing = asyncio.ensure_future(self._close_hub_when_drained())
+
+    async def _close_hub_when_drained(self) -> None:
+        """End the feature streams (so their connections can close) once every cancelled request
+        has published its ``generation_complete`` (``cancelled``), or after the graceful timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.graceful_timeout_s
+        while self.engine.pending and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.engine.hub.close()  # delivers what was published before it, then ends each stream
 
 
 def bind_sockets(config: ServeConfig) -> tuple[socket.socket, socket.socket]:
@@ -196,7 +207,11 @@ def serve(
     sockets = bind_sockets(config)
     if on_loading is not None:
         on_loading()
-    engine = Engine(load_session, Hub(config.subscriber_queue), max_model_len=config.max_model_len)
+    engine = Engine(
+        load_session,
+        Hub(config.subscriber_queue, config.replay_events),
+        max_model_len=config.max_model_len,
+    )
     try:
         info = engine.start()
         if on_loaded is not None:
@@ -250,7 +265,7 @@ class BackgroundServer:
         sockets = bind_sockets(self.config)
         engine = Engine(
             self._load_session,
-            Hub(self.config.subscriber_queue),
+            Hub(self.config.subscriber_queue, self.config.replay_events),
             max_model_len=self.config.max_model_len,
         )
         try:
