@@ -33,6 +33,7 @@ from neuroscope_mlx.hooks import install_hooks
 from neuroscope_mlx.loading import load_folder, resolve_dtype
 from neuroscope_mlx.sae import MLXSAE, top_k
 from neuroscope_mlx.sampling import sample_token
+from neuroscope_mlx.sites import SiteState, install_site, site_width
 from neuroscope_mlx.steering import SequenceSteering
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class MLXBackend(Backend):
         self._hooks = install_hooks(self.model)
         self._info = _model_info(self.config, num_layers=len(self._hooks))
         self._saes: dict[int, MLXSAE] = {}
+        self._sites: dict[int, SiteState] = {}  # layer -> its SAE's site, when not resid_post
         self._top_k = 10
         self._recorded: tuple[int, ...] = ()
         self._seq: MLXSequence | None = None
@@ -124,15 +126,29 @@ class MLXBackend(Backend):
 
     def set_saes(self, saes: Mapping[int, SAE], top_k: int) -> None:
         device_saes = {}
+        sites = {}
         for layer, sae in saes.items():
             self._check_layer(layer)
-            sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
+            if sae.site == "attn_z":  # heads x head_dim, read off o_proj
+                width = site_width(self.model.layers[layer], sae.site)
+                if width not in (None, sae.d_model):
+                    raise ConfigError(
+                        f"SAE {sae.id} reads attn_z vectors of size {sae.d_model}; this model's "
+                        f"attention heads give {width}."
+                    )
+            else:
+                sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
+            if sae.site != "resid_post":
+                sites[layer] = install_site(self.model.layers[layer], sae.site)
             if not 1 <= top_k <= sae.width:
                 raise ConfigError(
                     f"top_k must be between 1 and the SAE width {sae.width}, not {top_k}."
                 )
             device_saes[layer] = MLXSAE(sae)
         self._saes, self._top_k = device_saes, top_k
+        for state in self._sites.values():
+            state.capture, state.captured = False, None
+        self._sites = sites
         self._update_capture()
 
     def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
@@ -349,8 +365,11 @@ class MLXBackend(Backend):
     def _update_capture(self) -> None:
         self._drop_ahead()  # it was built with the old SAEs or recorded layers
         for layer, hook in enumerate(self._hooks):
-            hook.capture = layer in self._saes or layer in self._recorded
+            own = layer in self._saes and layer not in self._sites  # an SAE reading the output
+            hook.capture = own or layer in self._recorded
             hook.captured = None
+        for state in self._sites.values():
+            state.capture, state.captured = True, None
 
     def _features(
         self, steering: SequenceSteering | None = None, first: int = 0
@@ -360,13 +379,15 @@ class MLXBackend(Backend):
         With steering, clamped features read their value at steered positions (from ``first``)
         and the watched features' full activations come along.
         """
-        captured = {layer: self._hooks[layer].take()[0] for layer in {*self._saes, *self._recorded}}
+        resid = (self._saes.keys() - self._sites.keys()) | set(self._recorded)
+        captured = {layer: self._hooks[layer].take()[0] for layer in resid}
+        read = {**captured, **{layer: s.take()[0] for layer, s in self._sites.items()}}
         top: TopK = {}
         for layer, sae in self._saes.items():
             if steering is None:
-                top[layer] = (*sae.top_k(captured[layer], self._top_k), None)
+                top[layer] = (*sae.top_k(read[layer], self._top_k), None)
                 continue
-            acts = steering.pin(layer, sae.encode(captured[layer]), first)
+            acts = steering.pin(layer, sae.encode(read[layer]), first)
             watched = steering.watched(layer)
             top[layer] = (*top_k(acts, self._top_k), None if watched is None else acts[:, watched])
         residuals = {layer: captured[layer].astype(mx.float32) for layer in self._recorded}
@@ -405,7 +426,7 @@ class MLXBackend(Backend):
         # No cache: a causal mask already keeps right padding out of every real token's view.
         # Only the residual at `layer` is evaluated, so later blocks and the logits never run.
         self.model(mx.array(ids))
-        residual = hook.take()
+        residual = self._sites[layer].take() if layer in self._sites else hook.take()
         self._update_capture()
         acts = self._saes[layer].encode(residual).reshape(len(rows) * seq_len, -1)
         pos = mx.arange(seq_len)[None]

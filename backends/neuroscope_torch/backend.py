@@ -24,6 +24,7 @@ from neuroscope.errors import ConfigError, ModelLoadError
 from neuroscope.sae import SAE
 from neuroscope_torch.dummy import build_dummy
 from neuroscope_torch.sae import TorchSAE
+from neuroscope_torch.sites import SiteHook, site_target, site_width
 from neuroscope_torch.steering import SequenceSteering
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class TorchBackend(Backend):
         self._layers = _decoder_layers(self.model, text_config.num_hidden_layers)
         self._cache_arg = _cache_argument(model)
         self._hooks: dict[int, ResidualHook] = {}
+        self._site_hooks: dict[tuple[int, str], SiteHook] = {}  # SAEs reading inside a block
+        self._sites: dict[int, str] = {}  # layer -> the site its SAE reads
         self._saes: dict[int, TorchSAE] = {}
         self._top_k = 0
         self._seq: TorchSequence | None = None
@@ -170,19 +173,43 @@ class TorchBackend(Backend):
             self._hooks[layer] = hook
         return self._hooks[layer]
 
+    def _site_hook(self, layer: int, site: str) -> ResidualHook | SiteHook:
+        """The hook that reads ``site`` of block ``layer`` (the block's own for resid_post)."""
+        if site == "resid_post":
+            return self._hook(layer)
+        if (layer, site) not in self._site_hooks:
+            module, kind = site_target(self._layers[layer], site)
+            hook = SiteHook(kind)
+            hook.install(module)
+            self._site_hooks[layer, site] = hook
+        return self._site_hooks[layer, site]
+
+    def _take(self, layer: int) -> torch.Tensor:
+        """What the SAE at ``layer`` reads, captured on the last forward pass."""
+        return self._site_hook(layer, self._sites.get(layer, "resid_post")).take()
+
     def set_saes(self, saes: Mapping[int, SAE], top_k: int) -> None:
         for layer, sae in saes.items():
             self._check_layer(layer)
-            sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
+            if sae.site == "attn_z":  # heads x head_dim, read off o_proj
+                module, kind = site_target(self._layers[layer], sae.site)
+                if site_width(module, kind) not in (None, sae.d_model):
+                    raise ConfigError(
+                        f"SAE {sae.id} reads attn_z vectors of size {sae.d_model}; this model's "
+                        f"attention heads give {site_width(module, kind)}."
+                    )
+            else:
+                sae.check_model(self._info.hidden_size, model=f"this {self._info.model_type} model")
             if not 1 <= top_k <= sae.width:
                 raise ConfigError(
                     f"top_k must be between 1 and the SAE width {sae.width}, not {top_k}."
                 )
-        for hook in self._hooks.values():
+        for hook in [*self._hooks.values(), *self._site_hooks.values()]:
             hook.capture = False
         self._saes = {layer: TorchSAE(sae, self._device) for layer, sae in saes.items()}
-        for layer in saes:
-            self._hook(layer).capture = True
+        self._sites = {layer: sae.site for layer, sae in saes.items()}
+        for layer, sae in saes.items():
+            self._site_hook(layer, sae.site).capture = True
         self._top_k = top_k
 
     def set_steering(self, layer: int, vector: np.ndarray | None) -> None:
@@ -206,7 +233,7 @@ class TorchBackend(Backend):
         """
         out = {}
         for layer, sae in self._saes.items():
-            residual = self._hooks[layer].take()[0]
+            residual = self._take(layer)[0]
             if steering is None:
                 indices, values = sae.top_k(residual, self._top_k)
                 out[layer] = LayerTopK(indices.cpu().numpy(), values.cpu().numpy())
@@ -343,7 +370,7 @@ class TorchBackend(Backend):
             ids[row, : len(seq)] = torch.tensor(list(seq), device=self._device)
             mask[row, : len(seq)] = 1
         self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        acts = self._saes[layer].encode(self._hooks[layer].take()).flatten(0, 1)  # [B*T, width]
+        acts = self._saes[layer].encode(self._take(layer)).flatten(0, 1)  # [B*T, width]
         real = mask.clone()
         real[:, 0] = 0  # BOS is out of distribution for these SAEs
         real = real.flatten().bool()
