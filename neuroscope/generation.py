@@ -67,6 +67,7 @@ class RecordBuilder:
 
     sae_ids: Mapping[int, str]  # layer -> SAE id
     top_k: int
+    sites: Mapping[int, str] = field(default_factory=dict)  # layer -> site, when not resid_post
     labels: Labels = field(default_factory=FunctionLabels)
     feature_filter: FeatureFilter | None = None
     plan: FilterPlan = field(init=False)  # the filter (or none) bound to top_k
@@ -112,6 +113,7 @@ class RecordBuilder:
         label = self.labels
         names = {i: label(layer, i) for i in np.unique(out.indices[shown]).tolist()}
         sae = self.sae_ids[layer]
+        site = self.sites.get(layer, "resid_post")
         records = []
         for r, n in enumerate(counts):
             idx, act = indices[r][:n], acts[r][:n]
@@ -125,7 +127,7 @@ class RecordBuilder:
             records.append(
                 TokenFeatures(
                     request_id, positions[r], phase, tokens[r], token_ids[r], layer, sae, features,
-                    token_indices[r], next_tokens[r], filtered[r],
+                    token_indices[r], next_tokens[r], site, filtered[r],
                 )
             )  # fmt: skip
         return records

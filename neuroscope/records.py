@@ -55,6 +55,9 @@ class TokenFeatures(msgspec.Struct, gc=False):
     top_features: list[Feature] = msgspec.field(default_factory=list)
     token_index: int | None = None
     next_token: str | None = None
+    # What the SAE read: resid_post (a block's output), or attn_out, attn_z, mlp_in (transcoders),
+    # mlp_out, resid_mid (see neuroscope.sae.Site).
+    site: str = "resid_post"
     filtered_count: int | None = None
 
     def to_json_bytes(self) -> bytes:
@@ -78,6 +81,7 @@ class TokenFeatures(msgspec.Struct, gc=False):
             "token_id": self.token_id,
             "next_token": self.next_token,
             "layer": self.layer,
+            "site": self.site,
             "sae": self.sae,
             "top_features": [f.to_dict() for f in self.top_features],
         }
@@ -107,6 +111,7 @@ class TokenFeatures(msgspec.Struct, gc=False):
             top_features=features,
             token_index=data.get("token_index"),
             next_token=data.get("next_token"),
+            site=data.get("site", "resid_post"),
             filtered_count=data.get("filtered_count"),
         )
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.chat import ChatTokenizer, Message
-from neuroscope.errors import ConfigError, SAEError
+from neuroscope.errors import ConfigError
 from neuroscope.filters import FeatureFilter
 from neuroscope.generation import (
     Event,
@@ -107,11 +107,6 @@ def load_saes(
         else:
             loaded = load_from_hub(sae, resolve_sae_path(path, layer, sae))
         loaded.check_layer(layer)
-        if loaded.site != "resid_post":  # other sites need hooks the backends do not have yet
-            raise SAEError(
-                f"SAE {loaded.id} reads {loaded.site} ({loaded.hook_name or 'from its path'}); "
-                "Neuroscope hooks the residual stream after a block (resid_post) only."
-            )
         saes[layer] = loaded.with_input_norm(input_norm)
     return saes
 
@@ -214,7 +209,11 @@ class Session:
         )  # fmt: skip
         for s in self.saes.values():
             s.check_model(info.hidden_size, model)
-        self.builder = RecordBuilder(sae_ids={L: s.id for L, s in self.saes.items()}, top_k=top_k)
+        self.builder = RecordBuilder(
+            sae_ids={L: s.id for L, s in self.saes.items()},
+            top_k=top_k,
+            sites={L: s.site for L, s in self.saes.items() if s.site != "resid_post"},
+        )
         self.set_labels(labels)
         self.set_feature_filter(feature_filter)
         self.report_bos = report_bos

@@ -100,3 +100,25 @@ def test_a_site_that_does_not_fit_is_refused(tiny, backend_name: str) -> None:
         ConfigError, match="attn_z vectors of size 80; this model's attention heads give 64"
     ):
         backend.set_saes({LAYER: _sae("attn_z", 80, 0)}, top_k=K)
+
+
+def test_records_say_the_site_and_the_stream_filters_on_it(tiny, tmp_path) -> None:
+    """A Gemma Scope 2 transcoder file (it reads the MLP's input) through Session: its records
+    carry site "mlp_in"; the feature stream's site= filter keeps or drops them."""
+    from test_gemma_scope_2 import gemma_scope_2_params, write_params
+
+    from neuroscope import Session
+    from neuroscope.server.features import event_filter
+
+    path = (
+        tmp_path / "transcoder" / f"layer_{LAYER}_width_16k_l0_small_affine" / "params.safetensors"
+    )
+    write_params(path, gemma_scope_2_params(80, 64, skip=True))
+    with Session(
+        model=str(tiny["folder"]), sae_local_path=str(path), layer=LAYER, backend="torch", top_k=3
+    ) as s:
+        assert (s.saes[LAYER].site, s.saes[LAYER].output_site) == ("mlp_in", "mlp_out")
+        records = s.trace("The capital of France is Paris.")
+    assert records and all(r.site == "mlp_in" and r.to_dict()["site"] == "mlp_in" for r in records)
+    assert all(event_filter(None, "all", None, "mlp_in")(r) for r in records)
+    assert not any(event_filter(None, "all", None, "resid_post")(r) for r in records)

@@ -24,6 +24,7 @@ from litestar.response import Stream
 from neuroscope.engine import Engine
 from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
 from neuroscope.records import TokenFeatures
+from neuroscope.sae import SITES
 from neuroscope.server.auth import OPEN, guards
 from neuroscope.server.errors import EXCEPTION_HANDLERS, APIError
 
@@ -34,9 +35,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def event_filter(
-    request_id: str | None, phase: str, layer: int | None
+    request_id: str | None, phase: str, layer: int | None, site: str | None = None
 ) -> Callable[[HubEvent], bool]:
-    """Which hub events a subscriber wants; completions pass the phase and layer filters."""
+    """Which hub events a subscriber wants; completions pass the phase, layer and site filters."""
 
     def accept(event: HubEvent) -> bool:
         if request_id is not None and event.request_id != request_id:
@@ -45,6 +46,8 @@ def event_filter(
             if phase != "all" and event.phase != phase:
                 return False
             if layer is not None and event.layer != layer:
+                return False
+            if site is not None and event.site != site:
                 return False
         return True
 
@@ -103,6 +106,14 @@ async def sse_stream(
         sub.close()
 
 
+def _site_param(request: Request) -> str | None:
+    """``site=`` of the stream: what the SAEs read (resid_post, attn_out, mlp_in, ...)."""
+    site = request.query_params.get("site")
+    if site is not None and site not in SITES:
+        raise APIError(400, f"site must be one of {', '.join(SITES)}, got {site!r}.", param="site")
+    return site
+
+
 def _layer_param(request: Request, engine: Engine) -> int | None:
     raw = request.query_params.get("layer")
     if raw is None or raw == "":
@@ -140,9 +151,10 @@ def create_features_app(
                 400, f"phase must be one of {', '.join(PHASES)}, got {phase!r}.", param="phase"
             )
         layer = _layer_param(request, engine)
+        site = _site_param(request)
         after = last_event_id(request)
         # Subscribe before the response starts: once a client has the headers, it misses nothing.
-        sub = hub.subscribe(event_filter(request_id, phase, layer), subscriber_queue, after=after)
+        sub = hub.subscribe(event_filter(request_id, phase, layer, site), subscriber_queue, after=after)
         return Stream(
             sse_stream(sub, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS
         )
