@@ -156,81 +156,82 @@ def gemma3_270m(tmp_path_factory) -> Path:
     return convert_gguf(path, path.parent / "hf", dtype="float32")
 
 
-def _long_prompt(folder: Path) -> list[int]:
+def _prompt(folder: Path, n: int = 160) -> list[int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    text = " ".join(
-        f"Fact {i}: the capital of {c} is {p}."
-        for i, (c, p) in enumerate(
-            [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")] * 30
-        )
-    )
+    pairs = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")] * 8
+    text = " ".join(f"Fact {i}: the capital of {c} is {p}." for i, (c, p) in enumerate(pairs))
     ids = tok(text).input_ids
-    assert len(ids) > 600  # beyond the 512-token window
-    return ids[:600]
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def _relative(ours: np.ndarray, ref: np.ndarray) -> float:
+    """The largest per-position error relative to the position's norm (Gemma 3's residual holds a
+    few huge dimensions, so one maximum over the whole stream would hide the rest)."""
+    return float((np.linalg.norm(ours - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max())
+
+
+@pytest.fixture(scope="module")
+def real_reference(gemma3_270m):
+    ids = _prompt(gemma3_270m)
+    return ids, block_outputs(gemma3_270m, ids)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_real_gemma3_270m_matches_transformers_in_float32(gemma3_270m, backend_name: str) -> None:
-    ids = _long_prompt(gemma3_270m)
-    layers = [0, 5, 9, 17]  # sliding, first global, a middle sliding layer, the last (global)
-    ref_res, ref_logits = block_outputs(gemma3_270m, ids)
+def test_real_gemma3_270m_matches_transformers_in_float32(
+    gemma3_270m, real_reference, backend_name: str
+) -> None:
+    """float32 on 160 tokens (the window is exercised by the tiny models; on this machine a
+    prompt past 512 tokens takes minutes). transformers' own float32 differs from its float64 by
+    up to ~3e-6 per position here, so the bar below is that noise floor, not more."""
+    ids, (ref_res, ref_logits) = real_reference
     backend = load_backend_class(backend_name).load(gemma3_270m, dtype="float32")
-    residuals, logits = backend.forward_reference(ids, layers)
-    lines, worst_rel = [], 0.0
-    for L in layers:
-        diff = float(np.abs(residuals[L] - ref_res[L]).max())
-        rel = diff / float(np.abs(ref_res[L]).max())
-        worst_rel = max(worst_rel, rel)
-        lines.append(f"layer {L} {diff:.1e} (rel {rel:.1e})")
-    logit_diff = float(np.abs(logits - ref_logits).max())
+    residuals, logits = backend.forward_reference(ids, range(18))
+    worst = max(_relative(residuals[L], ref_res[L]) for L in range(18))
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
     print(
-        f"\nGemma 3 270M, {backend_name} vs transformers, 600 tokens: {'; '.join(lines)}; logits {logit_diff:.1e}"
+        f"\nGemma 3 270M, {backend_name} vs transformers, float32, {len(ids)} tokens: residuals "
+        f"max per-position relative error {worst:.1e} over 18 layers; next-token argmax agrees "
+        f"at {agree:.1%} of positions"
     )
-    assert worst_rel < 1e-5
-    assert (logits.argmax(-1) == ref_logits.argmax(-1)).mean() > 0.99
+    assert worst < 2e-5
+    assert agree == 1.0
 
 
 @pytest.mark.slow
 @requires_mlx
 @pytest.mark.mlx
-def test_real_gemma3_270m_stock_mlx_lm_drift(gemma3_270m) -> None:
-    """The figure before this file: mlx-lm's gemma3_text on the same weights and prompt."""
+def test_real_gemma3_270m_stock_mlx_lm_drift(gemma3_270m, real_reference) -> None:
+    """The figure before Neuroscope's Gemma 3: mlx-lm's gemma3_text on the same weights, float32."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.utils import load_model
 
-    ids = _long_prompt(gemma3_270m)
-    ref_res, _ = block_outputs(gemma3_270m, ids)
+    ids, (ref_res, _) = real_reference
     stock, _ = load_model(gemma3_270m)
     assert type(stock).__module__ == "mlx_lm.models.gemma3_text"
     stock.set_dtype(mx.float32)
-    captured: list[np.ndarray] = []
+    captured: dict[int, np.ndarray] = {}
 
     class Capture(nn.Module):
-        def __init__(self, block: nn.Module):
+        def __init__(self, block: nn.Module, layer: int):
             super().__init__()
-            self.block = block
+            self.block, self.layer = block, layer
 
         def __call__(self, *args):
             out = self.block(*args)
-            captured.append(np.array(out[0].astype(mx.float32)))
+            captured[self.layer] = np.array(out[0].astype(mx.float32))
             return out
 
-    stock.model.layers[9] = Capture(stock.model.layers[9])
+    for i in range(18):
+        stock.model.layers[i] = Capture(stock.model.layers[i], i)
     stock(mx.array([ids]))
-    ours = load_backend_class("mlx").load(gemma3_270m, dtype="float32")
-    our_res, _ = ours.forward_reference(ids, [9])
-    captured = {9: captured[0]}  # type: ignore[assignment]
-    scale = float(np.abs(ref_res[9]).max())
-    stock_rel = float(np.abs(captured[9] - ref_res[9]).max()) / scale
-    our_rel = float(np.abs(our_res[9] - ref_res[9]).max()) / scale
-    print(
-        f"\nGemma 3 270M layer 9, float32, vs transformers: stock mlx-lm rel {stock_rel:.1e}, Neuroscope rel {our_rel:.1e}"
-    )
-    assert our_rel < stock_rel
+    worst = max(_relative(captured[L], ref_res[L]) for L in range(18))
+    print(f"\nGemma 3 270M, stock mlx-lm gemma3_text vs transformers, float32: {worst:.1e}")
+    assert worst > 1e-4  # the bfloat16-rounded normaliser; Neuroscope's stays below 2e-5
 
 
 @pytest.mark.slow
