@@ -292,7 +292,13 @@ class Session:
             hidden_size=info.hidden_size,
             num_layers=info.num_layers,
             sae_widths={layer: sae.width for layer, sae in self.saes.items()},
-            decoderless=frozenset(L for L, sae in self.saes.items() if sae.W_dec is None),
+            # An SAE whose decoder does not write hidden_size vectors (attn_z: heads x head_dim)
+            # cannot steer the residual stream by its features.
+            decoderless=frozenset(
+                L
+                for L, sae in self.saes.items()
+                if sae.W_dec is None or sae.W_dec.shape[-1] != info.hidden_size
+            ),
             sae_hint=sae_hint,
         )
 
