@@ -80,6 +80,7 @@ def load_saes(
     input_norm: InputNorm = "none",
     dummy_d_model: int | None = None,
     release_saes: Sequence[ReleaseSAE] | None = None,
+    norm_scaling_factor: float | None = None,
 ) -> dict[int, SAE]:
     """One SAE per layer. Paths may be lists (one per layer) or contain ``{layer}``.
     ``release_saes`` (one per layer, from a SAELens release id) replace the repo and paths.
@@ -94,7 +95,7 @@ def load_saes(
             loaded = load_release(release_saes[layers.index(layer)])
         elif local:
             local = local.format(layer=layer) if "{layer}" in local else local
-            loaded = load_local(local)
+            loaded = load_local(local, norm_scaling_factor=norm_scaling_factor)
         elif dummy_d_model is not None and not path:
             from neuroscope.synthetic import random_sae_arrays
 
@@ -105,7 +106,9 @@ def load_saes(
                 id=f"dummy/layer_{layer}/width_16k", source="random",
             )  # fmt: skip
         else:
-            loaded = load_from_hub(sae, resolve_sae_path(path, layer, sae))
+            loaded = load_from_hub(
+                sae, resolve_sae_path(path, layer, sae), norm_scaling_factor=norm_scaling_factor
+            )
         loaded.check_layer(layer)
         saes[layer] = loaded.with_input_norm(input_norm)
     return saes
@@ -159,6 +162,7 @@ class Session:
         backend: str = "auto",
         sae_release: str | None = None,
         sae_id: str | Sequence[str] | None = None,
+        sae_norm_scaling_factor: float | None = None,
         top_k: int = 10,
         dtype: str | None = None,
         load_format: LoadFormat = "auto",
@@ -205,7 +209,7 @@ class Session:
             self.layers, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path,
             input_norm=input_norm,
             dummy_d_model=info.hidden_size if self.resolved.dummy_weights else None,
-            release_saes=release_saes,
+            release_saes=release_saes, norm_scaling_factor=sae_norm_scaling_factor,
         )  # fmt: skip
         for s in self.saes.values():
             s.check_model(info.hidden_size, model)

@@ -136,3 +136,19 @@ def test_bfloat16_safetensors_widen_exactly(tmp_path):
     np.testing.assert_array_equal(arrays["w"], values.float().numpy())
     np.testing.assert_array_equal(arrays["h"], values.to(torch.float16).float().numpy())
     assert arrays["w"].dtype == np.float32
+
+
+def test_load_saes_passes_the_norm_scaling_factor(tmp_path, tiny_sae):
+    """An expected_average_only_in folder loads once Session is given its factor (folded in)."""
+    from neuroscope.session import load_saes
+
+    folder = tmp_path / "eaoi"
+    shutil.copytree(tiny_sae["saelens"], folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(
+        json.dumps(cfg | {"normalize_activations": "expected_average_only_in"})
+    )
+    with pytest.raises(SAEError, match="--sae-norm-scaling-factor"):
+        load_saes([2], sae_local_path=str(folder))
+    sae = load_saes([2], sae_local_path=str(folder), norm_scaling_factor=0.5)[2]
+    np.testing.assert_allclose(sae.W_enc, load_local(tiny_sae["saelens"]).W_enc * 0.5)

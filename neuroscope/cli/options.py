@@ -44,6 +44,14 @@ SaeId = Annotated[
         "in). Without --sae-layer, the layer it names is hooked.",
     ),
 ]
+SaeNormScalingFactor = Annotated[
+    float | None,
+    typer.Option(
+        "--sae-norm-scaling-factor",
+        help="The scaling factor of a SAELens SAE trained with normalize_activations="
+        "expected_average_only_in (SAELens' release table has it; --sae-release finds it itself).",
+    ),
+]
 SaeLayer = Annotated[
     int,
     typer.Option(

@@ -29,6 +29,7 @@ def serve(
     sae_local_path: options.SaeLocalPath = None,
     sae_release: options.SaeRelease = None,
     sae_id: options.SaeId = None,
+    sae_norm_scaling_factor: options.SaeNormScalingFactor = None,
     sae_layer: Annotated[
         list[int],
         typer.Option(
@@ -143,7 +144,7 @@ def serve(
 
             session = Session(
                 model=model, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path, layer=layers,
-                sae_release=sae_release, sae_id=sae_id,
+                sae_release=sae_release, sae_id=sae_id, sae_norm_scaling_factor=sae_norm_scaling_factor,
                 backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
             )  # fmt: skip
             _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])
