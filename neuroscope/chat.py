@@ -32,7 +32,7 @@ def message_text(content: Any) -> str:
                     "Message content parts must be {'type': 'text', 'text': str}; only text is supported."
                 )
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM joins text parts
     raise ConfigError("Message content must be a string or a list of text parts.")
 
 

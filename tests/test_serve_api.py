@@ -150,7 +150,7 @@ def test_text_parts_multi_turn_stop_and_seed(client, reference, model) -> None:
         {
             "role": "user",
             "content": [
-                {"type": "text", "text": "Hello! "},
+                {"type": "text", "text": "Hello!"},
                 {"type": "text", "text": "How are you today?"},
             ],
         }
@@ -158,7 +158,12 @@ def test_text_parts_multi_turn_stop_and_seed(client, reference, model) -> None:
     reply = client.chat.completions.create(
         model=str(model), messages=parts, max_tokens=6, temperature=0
     )
-    assert reply.choices[0].message.content == expected(reference, HELLO, 6).text
+    # Text parts are joined with a newline, as vLLM does (not run together).
+    joined = [{"role": "user", "content": "Hello!\nHow are you today?"}]
+    run_together = [{"role": "user", "content": "Hello!How are you today?"}]
+    assert reference.encode(joined) != reference.encode(run_together)
+    assert reply.choices[0].message.content == expected(reference, joined, 6).text
+    assert expected(reference, joined, 6).text != expected(reference, run_together, 6).text
 
     turns = [
         *HELLO,
@@ -569,8 +574,8 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None, str | None]] = [
     ),
     ("logprobs", with_(logprobs=True), 400, "logprobs", "unsupported_parameter"),
     (
-        "json response format",
-        with_(response_format={"type": "json_object"}),
+        "unknown response format",
+        with_(response_format={"type": "yaml"}),
         400,
         "response_format",
         "unsupported_value",

@@ -29,11 +29,11 @@ def serve(
     sae_local_path: options.SaeLocalPath = None,
     sae_release: options.SaeRelease = None,
     sae_id: options.SaeId = None,
-    sae_norm_scaling_factor: options.SaeNormScalingFactor = None,
     sae_layer: Annotated[
         list[int],
         typer.Option(
             "--sae-layer",
+            "--layer",
             help="Decoder block whose output the SAE reads (0-based); repeat for several. "
             "Default: 20 (Gemma Scope's), or a middle layer with Gemma Scope 2 for a Gemma 3 model.",
         ),
@@ -105,6 +105,14 @@ def serve(
             "--max-model-len", help="Context in tokens (prompt + reply). Default: the model's."
         ),
     ] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--served-model-name",
+            help="The model's name in the chat API (/v1/models, a request's 'model'). Default: a "
+            ".gguf file's stem, else --model as given; that name is accepted in requests too.",
+        ),
+    ] = None,
     header_timeout: Annotated[
         float,
         typer.Option(
@@ -135,7 +143,7 @@ def serve(
         config = ServeConfig(
             host=host, port=port, features_port=features_port, api_key=api_key or None,
             max_model_len=max_model_len, header_timeout_s=header_timeout,
-            max_connections=max_connections,
+            max_connections=max_connections, served_model_name=served_model_name or None,
         )  # fmt: skip
         layers = None if not sae_layer else sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
 
@@ -144,7 +152,7 @@ def serve(
 
             session = Session(
                 model=model, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path, layer=layers,
-                sae_release=sae_release, sae_id=sae_id, sae_norm_scaling_factor=sae_norm_scaling_factor,
+                sae_release=sae_release, sae_id=sae_id,
                 backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
             )  # fmt: skip
             _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])

@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
@@ -67,13 +68,22 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 class ChatAPI:
     """The route handlers, bound to one engine."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, served_model_name: str | None = None):
         self.engine = engine
         self.created = int(time.time())
+        self._served_model_name = served_model_name
 
     @property
     def model(self) -> str:
-        return self.engine.info.model_name
+        """The name clients use (``--served-model-name``; default: see ``default_served_name``)."""
+        return self._served_model_name or default_served_name(self.engine.info.model_name)
+
+    @property
+    def aliases(self) -> frozenset[str]:
+        """Other names accepted in a request's ``model``: the model as given to ``--model`` and
+        the default served name, so a client configured before ``--served-model-name`` still works."""
+        given = self.engine.info.model_name
+        return frozenset({given, default_served_name(given)}) - {self.model}
 
     def _model_card(self) -> dict[str, Any]:
         return {
@@ -89,7 +99,9 @@ class ChatAPI:
     async def model_info(self, model_id: str) -> dict[str, Any]:
         # Slashes at the ends do not survive URL paths (a model folder /x/y arrives as x/y).
         model_id = model_id.strip("/")
-        if model_id != self.model.strip("/"):
+        if model_id != self.model.strip("/") and model_id not in {
+            a.strip("/") for a in self.aliases
+        }:
             raise APIError(
                 404,
                 f"The model {model_id!r} does not exist on this server; it serves {self.model!r}.",
@@ -105,14 +117,14 @@ class ChatAPI:
         return Response(
             {
                 "status": "ready",
-                "model": info.model_name,
+                "model": self.model,
                 "layers": list(info.layers),
                 "pending": self.engine.pending,
             }
         )
 
     async def chat_completions(self, request: Request) -> Response[Any] | Stream:
-        chat = parse_chat_request(await request.body(), self.model)
+        chat = parse_chat_request(await request.body(), self.model, self.aliases)
         steering = self._steering(chat)
         request_id = request_id_from_header(request.headers.get("x-request-id"), new_request_id())
         try:
@@ -283,9 +295,23 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-def create_chat_app(engine: Engine, *, api_key: str | None = None) -> Any:
+def default_served_name(model: str) -> str:
+    """What ``/v1/models`` calls a model by default: a model file's stem (a ``.gguf`` path would
+    put a file path in every client's config, and change when the file moves), else the name given
+    (a Hub repo id, or a folder)."""
+    path = Path(model).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # not something a path can be
+        is_file = False
+    return path.stem if is_file else model
+
+
+def create_chat_app(
+    engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None
+) -> Any:
     """The ASGI app for :8080 (every route but the open ones needs ``api_key`` when it is set)."""
-    api = ChatAPI(engine)
+    api = ChatAPI(engine, served_model_name)
 
     @post("/v1/chat/completions", status_code=200, operation_class=ChatCompletionOperation)
     async def chat_completions(request: Request) -> Response:

@@ -39,6 +39,7 @@ class ServeConfig:
     port: int = 8080  # chat API; 0 picks a free port
     features_port: int = 8081  # feature stream; 0 picks a free port
     api_key: str | None = None
+    served_model_name: str | None = None  # default: a model file's stem, else --model as given
     max_model_len: int | None = None
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE
@@ -125,7 +126,9 @@ class ServerPair:
         self.listening = Listening(
             config.host, sockets[0].getsockname()[1], sockets[1].getsockname()[1]
         )
-        chat = create_chat_app(engine, api_key=config.api_key)
+        chat = create_chat_app(
+            engine, api_key=config.api_key, served_model_name=config.served_model_name
+        )
         features = create_features_app(
             engine, engine.hub, api_key=config.api_key, keepalive_s=config.keepalive_s,
             subscriber_queue=config.subscriber_queue,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,14 +231,15 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     return body["response_format"] if fmt is not None else None
 
 
-def check_model(body: dict[str, Any], served: str) -> None:
-    """A missing ``model`` means the served one; any other name is a 404, as OpenAI answers."""
+def check_model(body: dict[str, Any], served: str, aliases: Collection[str] = ()) -> None:
+    """A missing ``model`` means the served one; a name other than it (or one of its ``aliases``)
+    is a 404, as OpenAI answers."""
     model = body.get("model")
     if model is None:
         return
     if not isinstance(model, str):
         raise _bad("model", "model must be a string.")
-    if model != served:
+    if model != served and model not in aliases:
         raise APIError(
             404,
             f"The model {model!r} does not exist on this server; it serves {served!r} (GET /v1/models).",
@@ -246,9 +248,9 @@ def check_model(body: dict[str, Any], served: str) -> None:
         )
 
 
-def parse_chat_request(raw: bytes, served_model: str) -> ChatRequest:
+def parse_chat_request(raw: bytes, served_model: str, aliases: Collection[str] = ()) -> ChatRequest:
     body = parse_json_object(raw)
-    check_model(body, served_model)
+    check_model(body, served_model, aliases)
     messages = _messages(body)
     _refuse_unsupported(body)
     max_tokens = _int(body, "max_completion_tokens", 1)
@@ -366,6 +368,9 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
                 },
                 "description": "JSON output by constrained decoding (json_object, json_schema).",
             }
+        ),
+        "neuroscope": _nullable(
+            {"type": "object", "description": "Steering and monitors (docs/steering.md)."}
         ),
     },
 }
