@@ -217,7 +217,12 @@ def write_output(
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in params.items()}
+    # Only the matrices take the smaller dtype: a bias rounded to float16 can be off by more than the
+    # spread of the activations around it (residuals with a large mean), which would wreck the FVU.
+    arrays = {
+        k: np.ascontiguousarray(v.astype(dtype if v.ndim == 2 else np.float32))
+        for k, v in params.items()
+    }
     with atomic_path(folder / "sae_weights.safetensors") as tmp:
         save_file(arrays, str(tmp))
     write_json_atomic(folder / "cfg.json", cfg)
@@ -283,6 +288,9 @@ def train_sae(options: TrainOptions, progress: Progress = print) -> TrainResult 
         train_ctx[rng.permutation(len(train_ctx))],
         eval_ctx[rng.permutation(len(eval_ctx))],
     )
+    # Shards hold consecutive contexts of these orders, so a budget given later reuses them.
+    full_digest = {name: hashlib.sha256(ctx.tobytes()).hexdigest()
+                   for name, ctx in (("train", train_ctx), ("eval", eval_ctx))}  # fmt: skip
     if options.max_train_tokens:
         train_ctx = train_ctx[: math.ceil(options.max_train_tokens / (options.context - 1))]
     if options.max_eval_tokens:
@@ -304,17 +312,16 @@ def train_sae(options: TrainOptions, progress: Progress = print) -> TrainResult 
         "format": WORK_FORMAT,
         "model": str(resolved.path),
         "layer": options.layer,
-        "train": hashlib.sha256(train_ctx.tobytes()).hexdigest(),
-        "eval": hashlib.sha256(eval_ctx.tobytes()).hexdigest(),
+        "train": full_digest["train"],
+        "eval": full_digest["eval"],
         "shard": options.shard_contexts,
     }
     work = work_folder(resolved.name, options.layer, data_identity)
     (work / "acts").mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / "data.json", data_identity)
     for name, ctx in (("train_contexts.npy", train_ctx), ("heldout_contexts.npy", eval_ctx)):
-        if not (work / name).is_file():  # the token ids behind each stored activation row
-            with atomic_path(work / name) as tmp, open(tmp, "wb") as f:
-                np.save(f, ctx)
+        with atomic_path(work / name) as tmp, open(tmp, "wb") as f:  # token ids behind the rows
+            np.save(f, ctx)
     progress(f"work folder (activations, checkpoints): {work}")
 
     model = training.load_model(resolved.path)
@@ -354,7 +361,10 @@ def train_sae(options: TrainOptions, progress: Progress = print) -> TrainResult 
     t = time.monotonic()
     params = training.export_params(sae, options)
     # Evaluate the weights as they are shipped (float16 rounding included).
-    params = {k: v.astype(options.weights_dtype).astype(np.float32) for k, v in params.items()}
+    params = {
+        k: v.astype(options.weights_dtype if v.ndim == 2 else np.float32).astype(np.float32)
+        for k, v in params.items()
+    }
     loss_ctx = eval_ctx[: options.loss_contexts]
     report = training.evaluate(params, options, eval_shards, model, loss_ctx, progress)
     timings["evaluate"] = time.monotonic() - t

@@ -200,7 +200,7 @@ def test_cli_resumes_after_a_kill(tiny_model, tmp_path):
     assert resumed, second.stderr
     step = int(resumed[0].split()[3].split("/")[0])
     assert step >= 20
-    assert "harvest" not in second.stderr  # the stored activations were reused
+    assert "harvest train" not in second.stderr  # the stored activations were reused
     record = json.loads((tmp_path / "sae" / "training.json").read_text())
     assert record["steps"] == int(resumed[0].split()[3].split("/")[1])
 
