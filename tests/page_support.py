@@ -216,6 +216,7 @@ REPLAY_JS = """
 async ([rate, seconds, layers, topK, width]) => {
   const ns = window.neuroscope;
   ns.resetPerf();
+  const skipped0 = ns.stats().skipped;
   let seed = 7;
   const rand = () => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed / 2147483648; };
   const record = (t, layer) => {
@@ -263,7 +264,7 @@ async ([rate, seconds, layers, topK, width]) => {
   const stats = ns.stats();
   const processed = stats.events / layers; // tokens the page took in (the rest it skipped, counted)
   return {
-    processed,
+    processed, skipped: stats.skipped - skipped0,
     tokens: total, seconds: (fed - start) / 1000, genMs, drainMs: drained - fed,
     frames: gaps.length, gapMedian: gaps[Math.floor(gaps.length / 2)] || 0,
     gapP95: gaps[Math.floor(gaps.length * 0.95)] || 0, gapMax: gaps[gaps.length - 1] || 0,

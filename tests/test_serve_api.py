@@ -223,7 +223,7 @@ def test_feature_stream_has_exactly_the_records_of_the_request(
 
 def test_stream_filters_by_request_id_phase_and_layer(chat_url, features_url, reference) -> None:
     mine = "chatcmpl-filter-test-1"
-    params = {"request_id": mine, "phase": "prompt", "layer": str(TINY_LAYER)}
+    params = {"request_id": mine, "phase": "prompt", "layer": str(TINY_LAYER), "site": "resid_post"}
     with (
         FeatureStream(features_url, params) as only_mine,
         FeatureStream(features_url) as generation,
@@ -240,14 +240,15 @@ def test_stream_filters_by_request_id_phase_and_layer(chat_url, features_url, re
         assert only_mine.request_ids() == {mine}
         records = only_mine.records(mine)
         assert {x["phase"] for x in records} == {"prompt"}
+        assert {x["site"] for x in records} == {"resid_post"}
         assert len(records) == len(reference.encode(HELLO)) - 1
         assert {x["phase"] for x in generation.records(mine) + generation.records(other["id"])} == {
             "generation"
         }
         assert len(generation.records(mine)) == 3
-    for bad in ({"phase": "everything"}, {"layer": "7"}, {"layer": "two"}):
+    for bad in ({"phase": "everything"}, {"layer": "7"}, {"layer": "two"}, {"site": "attn"}):
         r = httpx.get(features_url + "/v1/features/stream", params=bad)
-        assert r.status_code == 400 and r.json()["error"]["param"] in ("phase", "layer")
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad))
 
 
 def test_two_concurrent_chats_complete_correctly_and_their_records_never_mix(

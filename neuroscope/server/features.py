@@ -1,5 +1,5 @@
 """The feature stream (:8081): ``GET /v1/features/stream`` (SSE), ``GET /v1/features/labels``,
-``GET /health`` and ``GET /`` (a minimal live page until the visualiser lands).
+``GET /v1/features/info``, ``GET /health``, and the live page (``GET /``, see ``server.page``).
 
 SSE events:
 
@@ -14,7 +14,6 @@ interval, so proxies and clients do not time the connection out.
 from __future__ import annotations
 
 import asyncio
-import html
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from neuroscope.records import TokenFeatures
 from neuroscope.sae import SITES
 from neuroscope.server.auth import OPEN, guards
 from neuroscope.server.errors import EXCEPTION_HANDLERS, APIError
+from neuroscope.server.page import PagePorts, cors_config, page_routes
 
 DEFAULT_KEEPALIVE_S = 15.0
 DEFAULT_COALESCE_S = 0.02
@@ -139,8 +139,12 @@ def create_features_app(
     api_key: str | None = None,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     subscriber_queue: int | None = None,
+    ports: PagePorts | None = None,
+    host: str = "127.0.0.1",
+    cors_origins: tuple[str, ...] = (),
 ) -> Any:
     """The ASGI app for :8081 (every route but the open ones needs ``api_key`` when it is set)."""
+    ports = ports or PagePorts(chat=8080, features=8081)
 
     @get("/v1/features/stream")
     async def stream(request: Request) -> Stream:
@@ -203,57 +207,18 @@ def create_features_app(
             return Response({"status": "shutting_down"}, status_code=503)
         return Response({"status": "ready", "subscribers": hub.subscriber_count})
 
-    @get("/", media_type="text/html", opt=OPEN)
-    async def page() -> str:
-        info = engine.info
-        return PAGE.replace("{{model}}", _html(info.model_name)).replace(
-            "{{sae}}", _html(", ".join(f"layer {k}: {v}" for k, v in info.sae_ids.items()))
-        )
-
     app = Litestar(
-        route_handlers=[stream, labels, feature_info, health, page],
+        route_handlers=[
+            stream,
+            labels,
+            feature_info,
+            health,
+            *page_routes(engine, ports, role="features", api_key=bool(api_key)),
+        ],
+        cors_config=cors_config(ports.chat, host, cors_origins),
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards(api_key),
         openapi_config=None,
         logging_config=None,  # leave the host application's logging alone
     )
     return app
-
-
-def _html(text: str) -> str:
-    return html.escape(text)
-
-
-# A placeholder until the visualiser is built: it shows each generated token and its top features.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Neuroscope</title>
-<style>
-body{font:14px/1.5 system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}
-code{background:#f3f3f3;padding:0 .25rem}
-#tokens span{display:inline-block;margin:2px;padding:2px 4px;border-radius:3px;background:#eef;
-white-space:pre;cursor:default}
-#tokens span.new-request{margin-left:1rem;border-left:3px solid #88c}
-</style></head><body>
-<h1>Neuroscope</h1>
-<p>Model <code>{{model}}</code> &middot; SAE <code>{{sae}}</code></p>
-<p>Send a chat to the OpenAI API on the chat port; its generated tokens appear here.
-Hover a token for its top features. (Needs no API key; with <code>--api-key</code> use curl.)</p>
-<div id="status">connecting&hellip;</div><div id="tokens"></div>
-<script>
-const out = document.getElementById("tokens"), status = document.getElementById("status");
-const source = new EventSource("/v1/features/stream");
-let last = null;
-source.onopen = () => { status.textContent = "listening"; };
-source.onerror = () => { status.textContent = "disconnected (retrying)"; };
-source.addEventListener("feature_activation", (e) => {
-  const r = JSON.parse(e.data), span = document.createElement("span");
-  span.textContent = r.token;
-  span.title = r.top_features.map(f => `${f.label}  ${f.activation.toFixed(2)}`).join("\\n");
-  if (r.request_id !== last) { span.className = "new-request"; last = r.request_id; }
-  out.appendChild(span);
-});
-source.addEventListener("dropped", (e) => {
-  status.textContent = `fell behind: ${JSON.parse(e.data).dropped} events dropped`;
-});
-</script></body></html>
-"""
