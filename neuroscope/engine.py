@@ -247,7 +247,7 @@ class Engine:
         # Tokenizing a long prompt takes milliseconds: never on the event loop. One thread, because
         # the tokenizer is shared with the worker and one reader more is all it needs to tolerate.
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="neuroscope-prepare")
-        self._labels_cache: dict[int, dict[str, str]] = {}
+        self._labels_cache: dict[int, tuple[int, dict[str, str]]] = {}  # layer -> (version, labels)
         self._feature_info: FeatureInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -356,13 +356,20 @@ class Engine:
         return handle
 
     async def labels(self, layer: int) -> dict[str, str]:
-        """Every feature's label at ``layer`` ({"index": label}), computed once, off the loop."""
-        if layer not in self._labels_cache:
-            loop = asyncio.get_running_loop()
-            self._labels_cache[layer] = await loop.run_in_executor(
-                self._prepare_pool, self._all_labels, layer
-            )
-        return self._labels_cache[layer]
+        """Every feature's label at ``layer`` ({"index": label}), computed off the loop.
+
+        Cached while the label source's ``version`` stays the same (labels arrive later: a live
+        Neuronpedia fetch, a reload after ``labels generate``); a source without a version is asked
+        every time."""
+        version = getattr(self._require_session().builder.labels, "version", None)
+        cached = self._labels_cache.get(layer)
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        labels = await loop.run_in_executor(self._prepare_pool, self._all_labels, layer)
+        if version is not None:
+            self._labels_cache[layer] = (version, labels)
+        return labels
 
     async def feature_info(self, layer: int, index: int) -> dict[str, Any]:
         """What is known of one feature (``neuroscope.feature_info``), read off the loop."""

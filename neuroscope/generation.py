@@ -52,6 +52,8 @@ class FunctionLabels:
 
     def __init__(self, lookup: LabelLookup | None = None):
         self._lookup = lookup or (lambda layer, index: f"feature_{index}")
+        # A cache key for whole-layer listings: the default never changes; a function may, any time.
+        self.version: int | None = 0 if lookup is None else None
 
     def __call__(self, layer: int, index: int) -> str:
         return self._lookup(layer, index)

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import TINY_LAYER, requires_torch
+from labels_support import FileServer
 from serve_support import FeatureStream, start_server
 
 from neuroscope.labels import store
@@ -55,3 +57,37 @@ def test_records_carry_the_cached_labels(server):
     features = [f for r in stream.records(reply["id"]) for f in r["top_features"]]
     assert features and all(f["label"] == expected(f["index"]) for f in features)
     assert any(f["index"] % 2 == 0 for f in features), "some shown feature has a cached label"
+
+
+def test_labels_that_arrive_later_are_served(tiny_model, tiny_sae, tmp_path, monkeypatch):
+    """A live Neuronpedia fetch (started by the features a chat shows) changes the label source;
+    ``/v1/features/labels`` then serves the new labels instead of a listing cached at the start."""
+    monkeypatch.setenv("NEUROSCOPE_CACHE", str(tmp_path / "cache"))
+    routes = {
+        f"/api/feature/tiny/tiny-sae/{i}": (
+            200,
+            json.dumps({"index": str(i), "explanations": [{"description": f"np {i}"}]}).encode(),
+        )
+        for i in range(128)
+    }
+    with FileServer(routes) as neuronpedia:
+        monkeypatch.setenv("NEURONPEDIA_URL", neuronpedia.url)
+        resolver = LabelResolver(
+            str(tiny_model), {TINY_LAYER: "tiny-sae"}, allow_network=True,
+            neuronpedia_ids={TINY_LAYER: "tiny/tiny-sae"},
+        )  # fmt: skip
+        server = start_server(tiny_model, tiny_sae["npz"], session={"labels": resolver})
+        try:
+            url = server.listening.features_url + "/v1/features/labels"
+            before = httpx.get(url, timeout=30).json()
+            assert all(before[str(i)] == f"feature_{i}" for i in range(128))
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            reply = httpx.post(server.listening.chat_url + "/v1/chat/completions", json=body)
+            assert reply.status_code == 200
+            assert resolver.wait_idle(20) and neuronpedia.hits, "the chat's features were fetched"
+            after = httpx.get(url, timeout=30).json()
+            fetched = {int(p.rsplit("/", 1)[1]) for p in neuronpedia.hits}
+            assert fetched and all(after[str(i)] == f"np {i}" for i in fetched)
+            assert all(after[str(i)] == f"feature_{i}" for i in set(range(128)) - fetched)
+        finally:
+            server.stop()

@@ -89,6 +89,13 @@ class LabelResolver:
         self._layers: dict[int, _Layer] = {}
         self._lock = threading.Lock()
         self._fetcher: LiveFetcher | None = None
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Changes whenever the labels this resolver gives may have: a layer loaded, a live fetch
+        arrived, ``reload``. Cheap; callers that cache whole layers key their cache on it."""
+        return self._version
 
     # ---- lookups (the token path) -----------------------------------------------------------------
 
@@ -166,6 +173,7 @@ class LabelResolver:
         for state in list(self._layers.values()):
             if state.np_id == np_id:
                 state.neuronpedia[index] = description
+        self._version += 1
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         return self._fetcher.wait_idle(timeout) if self._fetcher else True
@@ -179,6 +187,7 @@ class LabelResolver:
     def reload(self) -> None:
         with self._lock:
             self._layers.clear()
+            self._version += 1
 
     def _layer(self, layer: int) -> _Layer | None:
         state = self._layers.get(layer)
@@ -187,6 +196,7 @@ class LabelResolver:
         with self._lock:
             if layer not in self._layers:
                 self._layers[layer] = self._load(layer)
+                self._version += 1
             return self._layers[layer]
 
     def _load(self, layer: int) -> _Layer:
