@@ -263,6 +263,9 @@ def _gemma_scope(arrays: dict[str, np.ndarray], path: Path, sae_id: str | None) 
         "re-download it or point --sae-path at a params file.",
     )
     _check_shapes(arrays, str(path))
+    if "W_dec" in arrays and arrays["W_dec"].ndim == 3:
+        # A cross-layer transcoder writes every later layer; SAELens sums those decoders.
+        arrays["W_dec"] = arrays["W_dec"].sum(axis=1)
     return SAE(
         W_enc=_f32(arrays["W_enc"]),
         b_enc=_f32(arrays["b_enc"]),
