@@ -349,8 +349,9 @@ class SteeringPlan:
             _check_feature(entry.layer, entry.feature, target, where, "steering entry")
             if entry.layer in target.decoderless:
                 raise SteeringError(
-                    f"The SAE at layer {entry.layer} has no decoder weights (W_dec), which feature "
-                    "steering needs; load an SAE file that includes them, or use a vector entry.",
+                    f"The SAE at layer {entry.layer} has no decoder weights (W_dec) that write the "
+                    "residual stream, which feature steering needs; load an SAE file that includes "
+                    "them, or use a vector entry.",
                     f"{where}.feature",
                 )
         for i, monitor in enumerate(self.monitors):
