@@ -184,8 +184,8 @@ def iter_jsonl(path: Path, text_column: str | None = None) -> Iterator[str]:
 def iter_parquet(path: Path, text_column: str | None = None) -> Iterator[str]:
     """The text column of a Parquet file, read one row group at a time (pyarrow)."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:
         raise CorpusError(
             f"Reading {path} needs pyarrow: pip install pyarrow (or pip install datasets, which brings it)."
@@ -294,7 +294,7 @@ def from_dataset(
     articles so that a few long ones do not make up the whole corpus.
     """
     try:
-        import datasets
+        import datasets  # type: ignore[import-untyped]
     except ImportError:
         raise CorpusError(
             "Building a corpus from a dataset needs the datasets package: pip install datasets. "

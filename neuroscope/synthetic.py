@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def build_tokenizer(
 
 
 def tiny_gemma2_config(vocab_size: int = 512, **overrides: object) -> dict:
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["Gemma2ForCausalLM"],
         "model_type": "gemma2",
         "vocab_size": vocab_size,
@@ -291,7 +292,7 @@ def build_random_sae(
     arrays = random_sae_arrays(d_model, width, seed)
     npz = folder / "gemma_scope" / "params.npz"
     npz.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(npz, **arrays)
+    np.savez(npz, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
     saelens = folder / "saelens"
     saelens.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(saelens / "sae_weights.safetensors"))

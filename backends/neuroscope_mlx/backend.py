@@ -209,7 +209,11 @@ class MLXBackend(Backend):
             layer: LayerTopK(
                 indices=np.concatenate([s[0][layer].indices for s in steps]),
                 activations=np.concatenate([s[0][layer].activations for s in steps]),
-                watched=None if watched[layer][0] is None else np.concatenate(watched[layer]),
+                watched=(
+                    None
+                    if watched[layer][0] is None
+                    else np.concatenate([w for w in watched[layer] if w is not None])
+                ),
             )
             for layer in self._saes
         }

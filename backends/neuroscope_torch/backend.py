@@ -204,7 +204,8 @@ class TorchBackend(Backend):
                 raise ConfigError(
                     f"top_k must be between 1 and the SAE width {sae.width}, not {top_k}."
                 )
-        for hook in [*self._hooks.values(), *self._site_hooks.values()]:
+        hooks: list[ResidualHook | SiteHook] = [*self._hooks.values(), *self._site_hooks.values()]
+        for hook in hooks:
             hook.capture = False
         self._saes = {layer: TorchSAE(sae, self._device) for layer, sae in saes.items()}
         self._sites = {layer: sae.site for layer, sae in saes.items()}

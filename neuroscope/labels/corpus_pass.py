@@ -68,7 +68,7 @@ def run_corpus_pass(
     checkpoint = checkpoint_path(model, sae.id)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         bar = tqdm(total=len(sequences), desc="corpus pass", unit="sample", dynamic_ncols=True)
     try:

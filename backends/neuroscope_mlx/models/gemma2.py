@@ -123,6 +123,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        assert args.rope_theta is not None  # ModelArgs.__post_init__ sets it
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
 
     def __call__(self, x: mx.array, span: AttentionSpan, cache: KVCache | None = None) -> mx.array:
@@ -185,6 +186,7 @@ class GemmaModel(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        assert args.layer_types is not None  # ModelArgs.__post_init__ sets it
         self.layers = [TransformerBlock(args, kind) for kind in args.layer_types]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -192,8 +194,8 @@ class GemmaModel(nn.Module):
         h = self.embed_tokens(inputs)
         # Gemma rounds the normaliser to the model dtype (sqrt(3584) is 60.0 in bfloat16).
         h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
-        cache = cache or [None] * len(self.layers)
-        offset = cache[0].offset if cache[0] is not None else 0
+        caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.layers)
+        offset = caches[0].offset if caches[0] is not None else 0
         n = inputs.shape[1]
         spans = {
             FULL: attention_span(n, offset, None),
@@ -201,7 +203,9 @@ class GemmaModel(nn.Module):
         }
         # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
         # so wrappers around them see the usual signature.
-        for layer, layer_type, c in zip(self.layers, self.args.layer_types, cache, strict=True):
+        kinds = self.args.layer_types
+        assert kinds is not None
+        for layer, layer_type, c in zip(self.layers, kinds, caches, strict=True):
             h = layer(h, spans[layer_type], c)
         return self.norm(h)
 
@@ -223,7 +227,7 @@ class Model(nn.Module):
         return {k: v for k, v in weights.items() if k != "lm_head.weight" and "rotary_emb" not in k}
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def layers(self) -> list[Any]:  # blocks, or the hooks' wrappers around them
         return self.model.layers
 
     def make_cache(self) -> list[KVCache]:
