@@ -392,7 +392,7 @@ def test_labels_page_and_unknown_routes(chat_url, features_url) -> None:
     )
     assert httpx.get(features_url + "/v1/features/labels", params={"layer": 0}).status_code == 400
     page = httpx.get(features_url + "/")
-    assert page.status_code == 200 and "EventSource" in page.text
+    assert page.status_code == 200 and '<script src="app.js"' in page.text  # the live page
     missing = httpx.get(chat_url + "/v1/completions")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong_method = httpx.get(chat_url + "/v1/chat/completions")

@@ -36,6 +36,7 @@ from neuroscope.server.errors import (
     error_body,
     from_exception,
 )
+from neuroscope.server.page import PagePorts, cors_config, page_routes
 from neuroscope.server.schema import (
     CHAT_REQUEST_SCHEMA,
     ChatRequest,
@@ -308,9 +309,16 @@ def default_served_name(model: str) -> str:
 
 
 def create_chat_app(
-    engine: Engine, *, api_key: str | None = None, served_model_name: str | None = None
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    ports: PagePorts | None = None,
+    host: str = "127.0.0.1",
+    cors_origins: tuple[str, ...] = (),
 ) -> Any:
     """The ASGI app for :8080 (every route but the open ones needs ``api_key`` when it is set)."""
+    ports = ports or PagePorts(chat=8080, features=8081)
     api = ChatAPI(engine, served_model_name)
 
     @post("/v1/chat/completions", status_code=200, operation_class=ChatCompletionOperation)
@@ -331,7 +339,14 @@ def create_chat_app(
         return await api.health()
 
     app = Litestar(
-        route_handlers=[chat_completions, models, model_info, health],
+        route_handlers=[
+            chat_completions,
+            models,
+            model_info,
+            health,
+            *page_routes(engine, ports, role="chat", api_key=bool(api_key)),
+        ],
+        cors_config=cors_config(ports.features, host, cors_origins),
         exception_handlers=EXCEPTION_HANDLERS,
         guards=guards(api_key),
         openapi_config=openapi_config(),

@@ -28,6 +28,7 @@ from neuroscope.server.chat import create_chat_app
 from neuroscope.server.defaults import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
 from neuroscope.server.features import DEFAULT_KEEPALIVE_S, create_features_app
 from neuroscope.server.limits import protocol_with_header_timeout
+from neuroscope.server.page import PagePorts, check_cors_origins
 
 if TYPE_CHECKING:
     from neuroscope.session import Session
@@ -39,6 +40,7 @@ class ServeConfig:
     port: int = 8080  # chat API; 0 picks a free port
     features_port: int = 8081  # feature stream; 0 picks a free port
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()  # --cors-origin: other sites' pages that may read both ports
     served_model_name: str | None = None  # default: a model file's stem, else --model as given
     max_model_len: int | None = None
     keepalive_s: float = DEFAULT_KEEPALIVE_S
@@ -53,6 +55,7 @@ class ServeConfig:
             raise ConfigError(f"--header-timeout must be positive, got {self.header_timeout_s}.")
         if self.max_connections < 1:
             raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
+        self.cors_origins = check_cors_origins(self.cors_origins, api_key=bool(self.api_key))
 
 
 @dataclass(frozen=True)
@@ -126,12 +129,16 @@ class ServerPair:
         self.listening = Listening(
             config.host, sockets[0].getsockname()[1], sockets[1].getsockname()[1]
         )
+        ports = PagePorts(chat=self.listening.port, features=self.listening.features_port)
+        origins = tuple(config.cors_origins)
         chat = create_chat_app(
-            engine, api_key=config.api_key, served_model_name=config.served_model_name
-        )
+            engine, api_key=config.api_key, served_model_name=config.served_model_name,
+            ports=ports, host=config.host, cors_origins=origins,
+        )  # fmt: skip
         features = create_features_app(
             engine, engine.hub, api_key=config.api_key, keepalive_s=config.keepalive_s,
-            subscriber_queue=config.subscriber_queue,
+            subscriber_queue=config.subscriber_queue, ports=ports, host=config.host,
+            cors_origins=origins,
         )  # fmt: skip
         self.servers = [_Uvicorn(self._uvicorn_config(app)) for app in (chat, features)]
         self.stopping = False
