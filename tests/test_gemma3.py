@@ -36,11 +36,12 @@ def block_outputs(model_dir: Path, ids: list[int], dtype: str = "float32"):
         model_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
     )
     outputs: list[np.ndarray] = []
+    decoder = getattr(model.model, "language_model", model.model)  # image-text checkpoints nest it
     handles = [
         layer.register_forward_hook(
             lambda _m, _i, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0])
         )
-        for layer in model.model.layers
+        for layer in decoder.layers
     ]
     with torch.inference_mode():
         logits = model(torch.tensor([ids])).logits[0]
@@ -113,6 +114,40 @@ def test_greedy_decode_matches_transformers(tiny, backend_name: str) -> None:
         got.append(backend.sample())
         backend.decode(got[-1])
     assert got == want
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_image_text_checkpoints_use_the_same_language_model(tmp_path, backend_name: str) -> None:
+    """Gemma 3 4B and larger ship as model_type "gemma3" (a vision tower beside the text model,
+    weights under language_model.*): only the language model is loaded, exact as above."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from neuroscope.synthetic import tiny_gemma3_config
+
+    text = {k: v for k, v in tiny_gemma3_config().items() if k != "architectures"}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=6, eoi_token_index=7, image_token_index=8,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # norms away from their neutral init, so each one matters
+        for name, p in model.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "mm")
+    ids = [2, *np.random.default_rng(4).integers(9, 512, size=30).tolist()]
+    ref_res, ref_logits = block_outputs(tmp_path / "mm", ids)
+    backend = load_backend_class(backend_name).load(tmp_path / "mm", dtype="float32")
+    assert backend.info.num_layers == N_LAYERS and backend.info.hidden_size == 80
+    residuals, logits = backend.forward_reference(ids, range(N_LAYERS))
+    worst = max(float(np.abs(residuals[L] - ref_res[L]).max()) for L in range(N_LAYERS))
+    print(f"\nGemma 3 image-text checkpoint, {backend_name}: residuals {worst:.1e}")
+    assert worst < TOL and float(np.abs(logits - ref_logits).max()) < TOL
 
 
 @requires_mlx

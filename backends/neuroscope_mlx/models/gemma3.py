@@ -228,3 +228,52 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+# --- Gemma 3 4B and larger: model_type "gemma3", a vision tower beside this text model ------------
+
+# transformers' Gemma3TextConfig defaults, for the fields a checkpoint's text_config leaves out.
+TEXT_CONFIG_DEFAULTS: dict[str, Any] = {
+    "model_type": "gemma3_text",
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "vocab_size": 262208,
+}
+
+
+@dataclass
+class MultimodalModelArgs(BaseModelArgs):
+    model_type: str
+    text_config: dict[str, Any]
+
+
+class MultimodalModel(nn.Module):
+    """The language model of a Gemma 3 image-text checkpoint (images are not read: text only)."""
+
+    def __init__(self, args: MultimodalModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        text = {**TEXT_CONFIG_DEFAULTS, **args.text_config, "model_type": "gemma3_text"}
+        self.language_model = Model(ModelArgs.from_dict(text))
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache | None] | None = None) -> mx.array:
+        return self.language_model(inputs, cache)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # Checkpoints name the text model language_model.model.* (transformers 5 too, on save);
+        # the vision tower and the projector are left out.
+        prefix = "language_model."
+        text = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        return {prefix + k: v for k, v in self.language_model.sanitize(text).items()}
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.language_model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return self.language_model.make_cache()
