@@ -14,6 +14,7 @@ and none of them holds a secret (``/page.json`` says whether a key is needed, no
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from litestar import Request, Response, get
 from litestar.config.cors import CORSConfig
 
 from neuroscope.engine import Engine
+from neuroscope.errors import ConfigError
 from neuroscope.server.auth import OPEN
 from neuroscope.server.errors import APIError
 
@@ -108,6 +110,37 @@ def page_routes(engine: Engine, ports: PagePorts, *, role: str, api_key: bool) -
         }
 
     return [index, static_file, page_json]
+
+
+_ORIGIN = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
+CORS_ENV = "NEUROSCOPE_CORS_ORIGINS"
+
+
+def check_cors_origins(origins: Iterable[str], *, api_key: bool) -> tuple[str, ...]:
+    """``--cors-origin`` values as a tuple; a ConfigError for anything that is not an origin.
+
+    ``*`` (any site) is accepted only without ``--api-key``: the key exists to keep other people
+    out, and a wildcard would let any page the user visits read the streams once the key is typed
+    into it. Credentials mode (cookies) is never enabled, wildcard or not.
+    """
+    out = []
+    for origin in origins:
+        origin = origin.strip().rstrip("/")
+        if not origin:
+            continue
+        if origin == "*":
+            if api_key:
+                raise ConfigError(
+                    "--cors-origin '*' cannot be combined with --api-key: name the origins whose "
+                    "pages may read this server (e.g. --cors-origin https://viewer.example)."
+                )
+        elif not _ORIGIN.match(origin):
+            raise ConfigError(
+                f"--cors-origin {origin!r} is not an origin: give scheme://host[:port], e.g. "
+                "http://localhost:5173, with no path."
+            )
+        out.append(origin)
+    return tuple(dict.fromkeys(out))
 
 
 def cors_config(sibling_port: int, host: str, cors_origins: tuple[str, ...] = ()) -> CORSConfig:
