@@ -139,8 +139,8 @@ def resolve_release(release: str, sae_id: str) -> ReleaseSAE:
         close = difflib.get_close_matches(release, table, n=5, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SAEError(
-            f"No SAELens release {release!r}.{hint} Releases are SAELens' "
-            "(pretrained_saes.yaml); neuroscope.saelens_releases.releases() lists those shipped."
+            f"No SAELens release {release!r}.{hint} `neuroscope sae releases` lists "
+            "SAELens' releases (its pretrained_saes.yaml, shipped with Neuroscope)."
         )
     fmt = entry["format"]
     if fmt not in FORMATS:
@@ -177,7 +177,7 @@ def resolve_for_layers(
     if not sae_id:
         raise SAEError(
             f"--sae-release {release} needs --sae-id (an id of that release, e.g. SAELens' "
-            "layer_13_width_16k_l0_medium), as SAELens names it."
+            "layer_13_width_16k_l0_medium); `neuroscope sae releases RELEASE` lists them."
         )
     layers = None if layer is None else [layer] if isinstance(layer, int) else list(layer)
     if isinstance(sae_id, str):

@@ -168,3 +168,23 @@ def test_a_session_takes_a_release_and_its_layer(tmp_path, hub) -> None:
         )
         records = s.trace("Paris is the capital of France.")
     assert records and all(r.sae == f"{REPO}/{RES}" and r.layer == 13 for r in records)
+
+
+def test_the_releases_command_lists_releases_and_ids() -> None:
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+
+    runner = CliRunner()
+    everything = runner.invoke(app, ["sae", "releases"])
+    assert everything.exit_code == 0
+    assert (
+        "gemma-scope-2-1b-it-res" in everything.output
+        and "llama_scope: not readable" in everything.output
+    )
+    one = runner.invoke(app, ["sae", "releases", "gemma-scope-2-1b-it-res"])
+    assert one.exit_code == 0
+    assert "layer_13_width_16k_l0_medium" in one.output
+    assert "gemma-3-1b-it/13-gemmascope-2-res-16k" in one.output
+    wrong = runner.invoke(app, ["sae", "releases", "gemma-scope-2-1b-it-resid"])
+    assert wrong.exit_code != 0 and "gemma-scope-2-1b-it-res" in wrong.output

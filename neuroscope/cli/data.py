@@ -284,3 +284,39 @@ def sae_pull(
             inner = DEFAULT_SAE_PATH
         local = download_sae(repo, inner)
         typer.echo(f"{repo}/{inner} is in {Path(local)}")
+
+
+@sae_app.command("releases")
+def sae_releases(
+    release: Annotated[
+        str | None,
+        typer.Argument(help="A release, to list its SAE ids; none: list the releases."),
+    ] = None,
+) -> None:
+    """SAELens' releases (its release table, shipped with Neuroscope), for --sae-release/--sae-id."""
+    from neuroscope.errors import SAEError
+    from neuroscope.saelens_releases import FORMATS, releases, resolve_release
+
+    table = releases()
+    with user_errors():
+        if release is None:
+            for name, entry in sorted(table.items()):
+                readable = entry["format"] in FORMATS
+                count = (
+                    f"{len(entry['saes']):>6} SAEs"
+                    if readable
+                    else f"({entry['format']}: not readable)"
+                )
+                typer.echo(f"{name:<48} {entry['repo']:<56} {count}")
+            return
+        if release not in table:
+            resolve_release(release, "")  # raises with close matches
+        entry = table[release]
+        if entry["format"] not in FORMATS:
+            raise SAEError(
+                f"{release} is stored in the {entry['format']!r} format, which Neuroscope cannot read."
+            )
+        for sae_id in entry["saes"]:
+            found = resolve_release(release, sae_id)
+            extra = f"  neuronpedia {found.neuronpedia}" if found.neuronpedia else ""
+            typer.echo(f"{sae_id:<48} {found.path}{extra}")
