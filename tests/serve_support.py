@@ -160,7 +160,8 @@ def raw_request(
     where = urlsplit(url)
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        given = {name.lower() for name in headers or {}}
+        conn.putrequest(method, path, skip_host="host" in given, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
             conn.putheader(name, value)
         if body is not None:
@@ -168,7 +169,12 @@ def raw_request(
         conn.endheaders(body)
         response = conn.getresponse()
         got = {k.lower(): v for k, v in response.getheaders()}
-        data = b"" if method == "HEAD" else response.read1(max_body) if max_body else b""
+        if method == "HEAD" or not max_body:
+            data = b""
+        elif "content-length" in got:  # a whole body: read it all (up to max_body)
+            data = response.read(min(int(got["content-length"]), max_body))
+        else:  # a stream: what has arrived
+            data = response.read1(max_body)
         return RawResponse(response.status, got, data)
     finally:
         conn.close()

@@ -105,6 +105,15 @@ def serve(
             "--max-model-len", help="Context in tokens (prompt + reply). Default: the model's."
         ),
     ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Let pages on this origin (scheme://host[:port]) read both ports; repeat for "
+            "several (env NEUROSCOPE_CORS_ORIGINS, comma-separated). Default: only the page's own "
+            "sibling port.",
+        ),
+    ] = None,
     served_model_name: Annotated[
         str | None,
         typer.Option(
@@ -144,6 +153,7 @@ def serve(
             host=host, port=port, features_port=features_port, api_key=api_key or None,
             max_model_len=max_model_len, header_timeout_s=header_timeout,
             max_connections=max_connections, served_model_name=served_model_name or None,
+            cors_origins=tuple(cors_origin or _env_origins()),
         )  # fmt: skip
         layers = None if not sae_layer else sae_layer[0] if len(sae_layer) == 1 else list(sae_layer)
 
@@ -169,6 +179,12 @@ def serve(
             say("Interrupted.")
             raise typer.Exit(130) from None
     say("Stopped.")
+
+
+def _env_origins() -> list[str]:
+    import os
+
+    return [o for o in os.environ.get("NEUROSCOPE_CORS_ORIGINS", "").split(",") if o.strip()]
 
 
 def _check_filter_options(mode: str, threshold: float) -> None:
@@ -235,6 +251,7 @@ def _ready(api_key: str | None):  # noqa: ANN202 - a callback
     def announce(listening: Listening) -> None:
         say(f"Chat API (OpenAI):  {listening.chat_url}/v1")
         say(f"Feature stream:     {listening.features_url}/v1/features/stream")
+        say(f"Live page:          {listening.features_url}/")
         if api_key:
             say("Both ports require 'Authorization: Bearer <your --api-key>'.")
         say("Press Ctrl+C to stop.")
