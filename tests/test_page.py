@@ -221,15 +221,24 @@ def test_surprise_shows_and_a_hostile_token_stays_text(page, server) -> None:
               "layer": TINY_LAYER, "sae": "x", "filtered_count": 2,
               "top_features": [{"index": 7, "label": "rare thing", "activation": 3.5,
                                 "surprise": 2.25}]}  # fmt: skip
+    # The same position read at another site of the same layer: kept apart, not overwritten.
+    other_site = record | {"site": "attn_out", "top_features": [
+        {"index": 9, "label": "attention thing", "activation": 1.5}]}  # fmt: skip
     page.evaluate(
         "(text) => window.neuroscope.replay(text)",
-        f"event: feature_activation\ndata: {json.dumps(record)}\n\n",
+        "".join(
+            f"event: feature_activation\ndata: {json.dumps(r)}\n\n" for r in (record, other_site)
+        ),
     )
     chip = page.locator('#strip .tok[data-request-id="chatcmpl-replayed"]')
     chip.wait_for()
     assert chip.locator(".tok-text").text_content() == token
-    assert chip.locator(".feat-label").text_content() == "rare thing"
-    assert chip.locator(".feat-num").text_content() == "3.50 s 2.25"
+    assert chip.locator(".feat-label").all_text_contents() == ["rare thing", "attention thing"]
+    assert chip.locator(".feat-num").first.text_content() == "3.50 s 2.25"
+    chip.locator(".tok-text").click()
+    details = page.text_content("#token-detail")
+    assert f"layer {TINY_LAYER}rare thing" in details
+    assert f"layer {TINY_LAYER} attn_outattention thing" in details
     assert page.evaluate("document.querySelectorAll('script').length") == 1  # app.js only
     assert page.evaluate("window.__pwned") is None
     assert page.console.errors == []

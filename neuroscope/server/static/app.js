@@ -312,7 +312,9 @@
       state.byKey.set(key, token);
       evict();
     }
-    const layer = Number(r.layer);
+    // Records of another site than the residual stream (attn_out, mlp_out, ...) get a layer key of
+    // their own ("12 attn_out"), so they never overwrite the residual stream's at the same layer.
+    const layer = r.site && r.site !== "resid_post" ? `${r.layer} ${r.site}` : Number(r.layer);
     const features = [];
     let sorted = true;
     for (const f of r.top_features) {
@@ -399,6 +401,10 @@
   function strongest(token, n, layerView = "all") {
     if (layerView === "all") return token.best.slice(0, n);
     return (token.layers.get(Number(layerView)) || []).slice(0, n);
+  }
+
+  function byLayer(a, b) {
+    return parseFloat(a) - parseFloat(b) || String(a).localeCompare(String(b));
   }
 
   function byActivation(a, b) {
@@ -643,7 +649,7 @@
     if (!rows.length) {
       const seen = new Set();
       for (const t of state.tokens) for (const l of t.layers.keys()) seen.add(l);
-      for (const l of [...seen].sort((a, b) => a - b)) rows.push({ kind: "layer", layer: l });
+      for (const l of [...seen].sort(byLayer)) rows.push({ kind: "layer", layer: l });
     }
     const chosen = new Set(state.pinned);
     for (const k of state.pinned) {
@@ -962,7 +968,8 @@
   async function showFeature(layer, index) {
     state.selectedFeature = fkey(layer, index);
     renderFeature(layer, index, null, "");
-    if (!state.config.feature_info) return;
+    // Details are served per hooked layer of the residual stream (a number); other sites have none.
+    if (!state.config.feature_info || typeof layer !== "number") return;
     try {
       const url = `${state.featuresOrigin}/v1/features/info?layer=${layer}&index=${index}`;
       const response = await fetch(url, { headers: authHeaders() });
@@ -1051,7 +1058,7 @@
         ["request", token.requestId],
       ]),
     ];
-    const layers = [...token.layers.keys()].sort((a, b) => a - b);
+    const layers = [...token.layers.keys()].sort(byLayer);
     for (const layer of layers) {
       const block = el("div", "layer-block");
       block.append(el("h4", null, `layer ${layer}`));
@@ -1175,6 +1182,7 @@
   }
 
   function pickSteer(layer, index) {
+    if (typeof layer !== "number") return; // steering acts on the residual stream's layers
     $("steer-layer").value = String(layer);
     $("steer-feature").value = String(index);
     updateSteerLabel();
