@@ -97,6 +97,37 @@ def make_examples(
     return backend
 
 
+# Word groups for excerpts a language model can read: with the RuleBackend's rule (token t fires
+# feature t % width) and width == len(WORD_GROUPS), feature g fires on the words of group g.
+WORD_GROUPS = (
+    ("Paris", "Berlin", "Rome", "Madrid", "Vienna", "Lisbon", "Prague", "Oslo"),
+    ("seven", "twelve", "three", "forty", "nine", "eighty", "two", "sixty"),
+    ("red", "blue", "green", "yellow", "purple", "orange", "violet", "brown"),
+    ("dog", "cat", "horse", "rabbit", "tiger", "sheep", "mouse", "eagle"),
+)
+
+
+def word_of(t: int) -> str:
+    group = WORD_GROUPS[t % len(WORD_GROUPS)]
+    return group[(t // len(WORD_GROUPS)) % len(group)]
+
+
+def decode_words(batch: list[list[int]]) -> list[str]:
+    return [" ".join(word_of(t) for t in ids if t != BOS) for ids in batch]
+
+
+def make_word_examples(folder: Path, samples: int = 30, top_n: int = 5) -> None:
+    """A finished examples folder whose excerpts are words; feature g fires on WORD_GROUPS[g]."""
+    width = len(WORD_GROUPS)
+    vocab = 1 + width * len(WORD_GROUPS[0])
+    backend = RuleBackend(width, vocab)
+    seqs = random_corpus(samples, 12, vocab)
+    top = ex.collect(backend, seqs, 0, width, top_n=top_n, batch_size=8, before=3, after=2)  # type: ignore[arg-type]
+    negs = ex.collect_negatives(backend, seqs, 0, count=10, length=top.window, bos=BOS)  # type: ignore[arg-type]
+    meta = {"model": "test/words", "sae": "test/word-sae", "layer": 0}
+    ex.write_examples(folder, top, decode_words, negs, meta)
+
+
 def feature_of_text(text: str, width: int) -> set[int]:
     """Features that fire somewhere in a rendered excerpt (by the RuleBackend's rule)."""
     return {int(t) % width for t in re.findall(r"t(\d+)", text)}

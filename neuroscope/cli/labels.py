@@ -283,8 +283,10 @@ def _policy(config: LabelerConfig, timeout: float | None) -> RetryPolicy:
 
 def _speed(s: RunSummary) -> str:
     """'4.2 s per answer, 38 tok/s' -- the endpoint's speed as this run saw it."""
+    from neuroscope.labels.labeler import rate
+
     text = f"{s.seconds_per_answer:.1f} s per answer" if s.done else "no answer"
-    return text + (f", {s.tokens_per_second:.0f} tok/s" if s.tokens else "")
+    return text + (f", {rate(s.tokens, s.request_seconds)} tok/s" if s.tokens else "")
 
 
 def _score(

@@ -44,7 +44,11 @@ Reply with JSON only: {"label": "..."}"""
 
 LABEL_SCHEMA = {
     "type": "object",
-    "properties": {"label": {"type": "string", "description": "at most 8 words"}},
+    # maxLength is the parser's own limit: a server that decodes under the schema (llama.cpp,
+    # Ollama, `neuroscope serve`) cannot let a small model ramble inside the string.
+    "properties": {
+        "label": {"type": "string", "description": "at most 8 words", "maxLength": MAX_LABEL_CHARS}
+    },
     "required": ["label"],
     "additionalProperties": False,
 }

@@ -429,6 +429,12 @@ class Answer:
     tokens: int
 
 
+def rate(tokens: float, seconds: float) -> str:
+    """Tokens per second for people: '38', '2.4', '0.35' (a loaded CPU is that slow)."""
+    value = tokens / seconds if seconds > 0 else 0.0
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
 class Progress:
     """A bar with the endpoint's speed, and a line per feature where there are few or they are slow.
 
@@ -455,12 +461,12 @@ class Progress:
             return
         self.bar.update(1)
         self.bar.set_postfix(failed=summary.failed, s_per_feature=f"{summary.seconds_per_answer:.1f}",
-                             tok_s=f"{summary.tokens_per_second:.0f}", refresh=False)  # fmt: skip
+                             tok_s=rate(summary.tokens, summary.request_seconds), refresh=False)  # fmt: skip
         where = f"[{self.count}/{self.total}] #{outcome.key}"
         if not outcome.ok:
             self.note(f"{where} failed after {outcome.attempts} tries: {outcome.error}")
         elif self.per_feature:
-            speed = f"{outcome.tokens / outcome.seconds:.0f} tok/s, " if outcome.tokens else ""
+            speed = f"{rate(outcome.tokens, outcome.seconds)} tok/s, " if outcome.tokens else ""
             shown = outcome.result if isinstance(outcome.result, str) else "ok"
             self.note(f"{where} {shown!r} ({speed}{outcome.seconds:.1f} s, {outcome.format})")
 
