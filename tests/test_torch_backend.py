@@ -281,3 +281,17 @@ def test_dummy_weights_are_built_in_one_pass_with_neutral_norms(tiny_model) -> N
     assert model.lm_head.weight is model.model.embed_tokens.weight
     for name, buffer in reference.named_buffers():
         torch.testing.assert_close(dict(model.named_buffers())[name], buffer, msg=name)
+
+
+def test_large_cpu_tensors_are_filled_from_one_random_block() -> None:
+    import torch
+
+    from neuroscope_torch.dummy import CPU_BLOCK, normal_
+
+    p = torch.empty(3 * CPU_BLOCK // 2304 + 7, 2304)  # more than the block, not a multiple of it
+    normal_(p, 0.05, torch.Generator().manual_seed(0))
+    flat = p.view(-1)
+    assert abs(float(p.std()) - 0.05) < 1e-3 and abs(float(p.mean())) < 1e-3
+    assert torch.equal(flat[:CPU_BLOCK], flat[CPU_BLOCK : 2 * CPU_BLOCK])  # tiled
+    assert torch.equal(flat[2 * CPU_BLOCK :], flat[: flat.numel() - 2 * CPU_BLOCK])
+    assert len({tuple(row[:4].tolist()) for row in p}) == p.shape[0]  # no two rows alike

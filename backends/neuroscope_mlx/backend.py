@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from neuroscope.steering import CompiledSteering
 
 # layer -> (indices, activations, watched activations or None), on the device
+# Decode steps between releases of MLX's buffer cache (mlx-lm's interval).
+CLEAR_CACHE_EVERY = 256
+
 TopK = dict[int, tuple[mx.array, mx.array, mx.array | None]]
 
 
@@ -230,6 +233,8 @@ class MLXBackend(Backend):
             seq.logits, seq.next_token, seq.key = ahead.logits, ahead.next_token, ahead.key_after
             features = ahead.features
         seq.position += 1
+        if seq.position % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()  # as mlx-lm: long runs otherwise keep every freed buffer cached
         host, residuals = self._finish_step(seq, first, features)
         self.last_residuals = residuals
         return host
