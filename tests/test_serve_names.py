@@ -44,6 +44,8 @@ def test_served_model_name_is_listed_and_the_given_name_still_works(tiny_model, 
         assert [m["id"] for m in httpx.get(chat + "/v1/models").json()["data"]] == ["tiny-gemma"]
         assert httpx.get(chat + "/v1/models/tiny-gemma").status_code == 200
         assert httpx.get(chat + "/health").json()["model"] == "tiny-gemma"
+        for url in (chat, server.listening.features_url):  # the page sends this name in its chats
+            assert httpx.get(url + "/page.json").json()["model"] == "tiny-gemma"
         for name, status in (("tiny-gemma", 200), (str(tiny_model), 200), ("gpt-4o", 404)):
             r = httpx.post(
                 chat + "/v1/chat/completions",

@@ -15,7 +15,6 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
@@ -36,6 +35,7 @@ from neuroscope.server.errors import (
     error_body,
     from_exception,
 )
+from neuroscope.server.names import default_served_name
 from neuroscope.server.page import PagePorts, cors_config, page_routes
 from neuroscope.server.schema import (
     CHAT_REQUEST_SCHEMA,
@@ -296,18 +296,6 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-def default_served_name(model: str) -> str:
-    """What ``/v1/models`` calls a model by default: a model file's stem (a ``.gguf`` path would
-    put a file path in every client's config, and change when the file moves), else the name given
-    (a Hub repo id, or a folder)."""
-    path = Path(model).expanduser()
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):  # not something a path can be
-        is_file = False
-    return path.stem if is_file else model
-
-
 def create_chat_app(
     engine: Engine,
     *,
@@ -344,7 +332,9 @@ def create_chat_app(
             models,
             model_info,
             health,
-            *page_routes(engine, ports, role="chat", api_key=bool(api_key)),
+            *page_routes(
+                engine, ports, role="chat", api_key=bool(api_key), model_name=lambda: api.model
+            ),
         ],
         cors_config=cors_config(ports.features, host, cors_origins),
         exception_handlers=EXCEPTION_HANDLERS,

@@ -26,6 +26,7 @@ from neuroscope.records import TokenFeatures
 from neuroscope.sae import SITES
 from neuroscope.server.auth import OPEN, guards
 from neuroscope.server.errors import EXCEPTION_HANDLERS, APIError
+from neuroscope.server.names import default_served_name
 from neuroscope.server.page import PagePorts, cors_config, page_routes
 
 DEFAULT_KEEPALIVE_S = 15.0
@@ -142,6 +143,7 @@ def create_features_app(
     ports: PagePorts | None = None,
     host: str = "127.0.0.1",
     cors_origins: tuple[str, ...] = (),
+    served_model_name: str | None = None,
 ) -> Any:
     """The ASGI app for :8081 (every route but the open ones needs ``api_key`` when it is set)."""
     ports = ports or PagePorts(chat=8080, features=8081)
@@ -158,7 +160,9 @@ def create_features_app(
         site = _site_param(request)
         after = last_event_id(request)
         # Subscribe before the response starts: once a client has the headers, it misses nothing.
-        sub = hub.subscribe(event_filter(request_id, phase, layer, site), subscriber_queue, after=after)
+        sub = hub.subscribe(
+            event_filter(request_id, phase, layer, site), subscriber_queue, after=after
+        )
         return Stream(
             sse_stream(sub, keepalive_s), media_type="text/event-stream", headers=SSE_HEADERS
         )
@@ -213,7 +217,13 @@ def create_features_app(
             labels,
             feature_info,
             health,
-            *page_routes(engine, ports, role="features", api_key=bool(api_key)),
+            *page_routes(
+                engine,
+                ports,
+                role="features",
+                api_key=bool(api_key),
+                model_name=lambda: served_model_name or default_served_name(engine.info.model_name),
+            ),  # fmt: skip
         ],
         cors_config=cors_config(ports.chat, host, cors_origins),
         exception_handlers=EXCEPTION_HANDLERS,

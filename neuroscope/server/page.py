@@ -14,7 +14,7 @@ and none of them holds a secret (``/page.json`` says whether a key is needed, no
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,14 @@ def content_security_policy(request: Request, sibling_port: int) -> str:
     )
 
 
-def page_routes(engine: Engine, ports: PagePorts, *, role: str, api_key: bool) -> list[Any]:
+def page_routes(
+    engine: Engine,
+    ports: PagePorts,
+    *,
+    role: str,
+    api_key: bool,
+    model_name: Callable[[], str] | None = None,
+) -> list[Any]:
     """``GET /``, ``GET /<file>`` and ``GET /page.json`` for the port ``role`` ("chat" or
     "features")."""
     files = static_files()
@@ -101,7 +108,7 @@ def page_routes(engine: Engine, ports: PagePorts, *, role: str, api_key: bool) -
         return {
             "chat_port": ports.chat,
             "features_port": ports.features,
-            "model": info.model_name,
+            "model": model_name() if model_name else info.model_name,  # the chat API's name
             "layers": list(info.layers),
             "sae_ids": {str(layer): sae for layer, sae in info.sae_ids.items()},
             "top_k": info.top_k,

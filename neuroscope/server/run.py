@@ -138,7 +138,7 @@ class ServerPair:
         features = create_features_app(
             engine, engine.hub, api_key=config.api_key, keepalive_s=config.keepalive_s,
             subscriber_queue=config.subscriber_queue, ports=ports, host=config.host,
-            cors_origins=origins,
+            cors_origins=origins, served_model_name=config.served_model_name,
         )  # fmt: skip
         self.servers = [_Uvicorn(self._uvicorn_config(app)) for app in (chat, features)]
         self.stopping = False
