@@ -100,6 +100,24 @@ class BatchStats:
     top_tokens: np.ndarray | None = None  # int64 [width, top_n]
 
 
+@dataclass(frozen=True)
+class ForwardCapture:
+    """Everything one uncached forward pass shows, on the host (``Backend.capture``).
+
+    ``residuals[L]``: float32 [T, d], the output of block L (the hooks' convention).
+    ``attention[L]``: float32 [query heads, T, T], the softmax weights as the model computes them
+    (soft-capping, sliding window and masking included); empty unless asked.
+    ``lens_ids`` / ``lens_logits``: int64 / float32 [layers, T, k], the logit lens: the top-k next
+    tokens of each layer's residual through the model's final norm and unembedding (and its final
+    soft-capping), in the order of ``layers``; k = 0 when not asked.
+    """
+
+    residuals: dict[int, np.ndarray]
+    attention: dict[int, np.ndarray]
+    lens_ids: np.ndarray
+    lens_logits: np.ndarray
+
+
 class Backend(ABC):
     """One loaded model on one device, running one sequence at a time (created by :meth:`load`)."""
 
@@ -169,6 +187,19 @@ class Backend(ABC):
     ) -> BatchStats:
         """Prefill a batch (right-padded, no cache, no generation) and reduce the SAE features of
         ``layer`` (which must have an SAE set) on the device; see :class:`BatchStats`."""
+
+    def capture(
+        self,
+        token_ids: Sequence[int],
+        layers: Sequence[int],
+        *,
+        attention: bool = False,
+        lens_top: int = 0,
+    ) -> ForwardCapture:
+        """One forward pass over ``token_ids`` (no cache, no SAE, no steering of a request) that
+        keeps the residuals of ``layers``, their attention patterns when asked and a logit lens of
+        ``lens_top`` tokens (``neuroscope.capture``)."""
+        raise ConfigError(f"The {self.name} backend cannot capture activations.")
 
     def peak_memory_mib(self) -> float | None:
         """Peak memory the device's allocator reports, in MiB; None where it reports none."""

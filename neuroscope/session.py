@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
+from neuroscope.capture import Capture
 from neuroscope.chat import ChatTokenizer, Message
 from neuroscope.errors import ConfigError
 from neuroscope.filters import FeatureFilter
@@ -385,6 +386,26 @@ class Session:
                 self.report_bos,
             )
         )
+
+    def capture(
+        self,
+        text_or_messages: str | Sequence[Message],
+        layers: str | Sequence[int] = "all",
+        residual: bool = True,
+        attention: bool = False,
+        features: bool = True,
+        generate: int = 0,
+    ) -> Capture:
+        """Every layer of one text at once (an "fMRI"): block outputs, their norms and cosines,
+        a logit lens, attention patterns if asked and the SAE records (see neuroscope.capture,
+        docs/fmri.md). A string is raw text as in ``trace``; messages get the chat template;
+        ``generate`` greedy tokens are added first. ``Capture.save(folder)`` writes it out."""
+        from neuroscope.capture import capture
+
+        return capture(
+            self, text_or_messages, layers, residual=residual, attention=attention,
+            features=features, generate=generate,
+        )  # fmt: skip
 
     def set_labels(self, labels: Labels | LabelLookup | None) -> None:
         """Where feature labels come from: a ``neuroscope.labels.LabelResolver``, any

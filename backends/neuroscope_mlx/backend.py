@@ -21,6 +21,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from neuroscope.backend import (
     Backend,
     BatchStats,
+    ForwardCapture,
     LayerTopK,
     ModelInfo,
     SamplingParams,
@@ -482,6 +483,22 @@ class MLXBackend(Backend):
             return {layer: np.array(r) for layer, r in residuals.items()}, np.array(logits)
         finally:
             self._update_capture()
+
+    def capture(
+        self,
+        token_ids: Sequence[int],
+        layers: Sequence[int],
+        *,
+        attention: bool = False,
+        lens_top: int = 0,
+    ) -> ForwardCapture:
+        from neuroscope_mlx.capture import capture
+
+        ids = self._check_ids(token_ids)
+        for layer in layers:
+            self._check_layer(layer)
+        self._drop_ahead()  # the pass below changes what the hooks capture
+        return capture(self, ids, layers, attention, lens_top)
 
     # --- checks --------------------------------------------------------------------------
 

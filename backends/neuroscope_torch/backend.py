@@ -14,6 +14,7 @@ import torch
 from neuroscope.backend import (
     Backend,
     BatchStats,
+    ForwardCapture,
     LayerTopK,
     ModelInfo,
     SamplingParams,
@@ -422,6 +423,21 @@ class TorchBackend(Backend):
             for layer, h in hooks.items():
                 h.capture, h.captured = was_capturing[layer], None
         return residuals, logits
+
+    def capture(
+        self,
+        token_ids: Sequence[int],
+        layers: Sequence[int],
+        *,
+        attention: bool = False,
+        lens_top: int = 0,
+    ) -> ForwardCapture:
+        from neuroscope_torch.capture import capture
+
+        ids = self._check_ids(token_ids)
+        for layer in layers:
+            self._check_layer(layer)
+        return capture(self, ids, layers, attention, lens_top)
 
     # -- checks -----------------------------------------------------------------------------------
 
