@@ -296,6 +296,8 @@ def test_answers_are_parsed_tolerantly() -> None:
         "Sure! Here are my thoughts about these excerpts.",
         "The excerpts are about many things, and it is hard to say which one matters most here.",
         "Which excerpts do you mean?",
+        '{"label": ":"}',
+        '{"label": "4.0"}',
         '{"label": ""}',
         '{"label": 3}',
         '{"label": "' + "x" * 200 + '"}',

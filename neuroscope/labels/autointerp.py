@@ -136,6 +136,8 @@ def parse_label(text: str) -> str:
     label = _clean(value)
     if not label:
         raise UnusableAnswer("empty label")
+    if not re.search(r"[^\W\d_]{2}", label):  # ":" or "4.0" names nothing
+        raise UnusableAnswer(f"the label {label!r} has no words")
     if len(label) > MAX_LABEL_CHARS:
         raise UnusableAnswer(f"label too long ({len(label)} characters)")
     return label
