@@ -233,3 +233,61 @@ def test_feature_activity_view(captured):
     assert grid.shape == (len(captured), len(features))
     assert grid[records[3].position, features.index(f.index)] == np.float32(f.activation)
     assert (grid[0] == 0).all()  # BOS is not reported
+
+
+def test_cli_writes_the_capture_and_its_pictures(tiny_model, tiny_sae, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        app,
+        [
+            "capture",
+            "--model",
+            str(tiny_model),
+            "--sae-local-path",
+            str(tiny_sae["npz"]),
+            "--sae-layer",
+            str(TINY_LAYER),
+            "--backend",
+            "torch",
+            "--dtype",
+            "float32",
+            "--text",
+            LONG_PROMPT,
+            "--layers",
+            "0,2,3",
+            "--attention",
+            "--images",
+            "--image-token",
+            "12",
+            "--projection",
+            "pca",
+            "--output",
+            str(out),
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    back = Capture.load(out)
+    assert back.layers == [0, 2, 3] and sorted(back.attention) == [0, 2, 3]
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["attention_L2_t12.png", "features_L2.png", "norms.png", "projection_L2.png"]
+    for name in names:
+        assert (out / "images" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_bad_input_with_a_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from neuroscope.cli import app
+
+    result = CliRunner().invoke(app, ["capture", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "exactly one of --text and --messages" in result.output
+    result = CliRunner().invoke(
+        app, ["capture", "--output", str(tmp_path / "x"), "--text", "a", "--layers", "1,b"]
+    )
+    assert result.exit_code == 1 and "--layers takes 'all'" in result.output
