@@ -68,8 +68,12 @@ def test_streamed_steered_reply(client, reference):
         model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=10,
         temperature=0.0, stream=True, extra_body={"neuroscope": {"steering": STEERING}},
     )  # fmt: skip
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == steered.text
+    # the first chunk echoes what is applied, as the completion object does
+    assert chunks[0].model_extra["neuroscope"]["steering"][0]["strength"] == 3.0
+    assert all("neuroscope" not in (c.model_extra or {}) for c in chunks[1:])
 
 
 def test_monitor_events_reach_the_feature_stream_and_stop_ends_the_reply(server, client, reference):
