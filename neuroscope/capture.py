@@ -259,6 +259,114 @@ def _write_parquet(table: Any, path: Path) -> None:
         pq.write_table(table, str(tmp))
 
 
+# Bounds of a capture asked over HTTP (POST /v1/features/capture): the work and the answer's size.
+MAX_REQUEST_CHARS = 20_000
+MAX_REQUEST_TOKENS = 1_024
+MAX_REQUEST_GENERATE = 64
+MAX_REQUEST_VALUES = 4_000_000  # floats of residuals, and of attention, in one answer (~40 MB JSON)
+
+
+class CaptureRequestError(ConfigError):
+    """A capture request outside the bounds; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _floats(a: np.ndarray) -> list[Any]:
+    return np.round(a.astype(np.float64), 6).tolist()
+
+
+def _num_heads(session: Session) -> int:
+    """Query heads per layer, from the model's config.json (1 where it does not say)."""
+    try:
+        config = json.loads((Path(session.resolved.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 1
+    config = {**config, **config.get("text_config", {})}
+    return int(config.get("num_attention_heads") or 1)
+
+
+def capture_json(
+    session: Session,
+    prompt: str | Sequence[Message],
+    *,
+    layers: str | Sequence[int] = "all",
+    residuals: bool = False,
+    attention: bool = False,
+    features: bool = True,
+    generate: int = 0,
+) -> dict[str, Any]:
+    """A bounded capture as JSON-ready data (the body of ``POST /v1/features/capture``).
+
+    Norms, cosines and the logit lens always; residuals and attention only when asked and only
+    while they stay under ``MAX_REQUEST_VALUES`` floats each. Raises ``CaptureRequestError``.
+    """
+    param = "text" if isinstance(prompt, str) else "messages"
+    chars = len(prompt) if isinstance(prompt, str) else len(json.dumps(list(prompt)))
+    if chars > MAX_REQUEST_CHARS:
+        raise CaptureRequestError(
+            f"The {param} is {chars} characters; a capture takes at most {MAX_REQUEST_CHARS}.",
+            param,
+        )
+    if not 0 <= generate <= MAX_REQUEST_GENERATE:
+        raise CaptureRequestError(
+            f"generate must be between 0 and {MAX_REQUEST_GENERATE}, got {generate}.", "generate"
+        )
+    ids = (
+        session.tokenizer.encode_text(prompt) if isinstance(prompt, str) else session.encode(prompt)
+    )
+    total = len(ids) + generate
+    if total > MAX_REQUEST_TOKENS:
+        raise CaptureRequestError(
+            f"The {param} is {len(ids)} tokens (+{generate} to generate); a capture takes at most "
+            f"{MAX_REQUEST_TOKENS} tokens. Shorten it, or use `neuroscope capture` for long texts.",
+            param,
+        )
+    info = session.backend.info
+    n_layers = info.num_layers if isinstance(layers, str) else len(set(layers))
+    if residuals and total * n_layers * info.hidden_size > MAX_REQUEST_VALUES:
+        raise CaptureRequestError(
+            f"Residuals of {total} tokens x {n_layers} layers x {info.hidden_size} are more than "
+            f"{MAX_REQUEST_VALUES:,} numbers; ask for fewer layers or a shorter text.",
+            "residuals",
+        )
+    if attention:
+        heads = _num_heads(session)
+        if total * total * n_layers * heads > MAX_REQUEST_VALUES:
+            raise CaptureRequestError(
+                f"Attention of {total} tokens x {n_layers} layers is more than "
+                f"{MAX_REQUEST_VALUES:,} numbers; ask for fewer layers or a shorter text.",
+                "attention",
+            )
+    c = capture(
+        session, prompt, layers, residual=residuals, attention=attention, features=features,
+        generate=generate,
+    )  # fmt: skip
+    if attention and sum(a.size for a in c.attention.values()) > MAX_REQUEST_VALUES:
+        raise CaptureRequestError(
+            f"Attention of {len(c)} tokens x {len(c.layers)} layers is more than "
+            f"{MAX_REQUEST_VALUES:,} numbers; ask for fewer layers or a shorter text.",
+            "attention",
+        )
+    out: dict[str, Any] = {
+        "object": "neuroscope.capture", "model": c.model, "layers": c.layers,
+        "tokens": c.tokens, "token_ids": c.token_ids.tolist(), "prompt_tokens": c.prompt_tokens,
+        "norms": _floats(c.norms), "cosine": _floats(c.cosine),
+        "logit_lens": {
+            "token_ids": c.lens_ids.tolist(), "tokens": c.lens_tokens,
+            "logits": _floats(c.lens_logits),
+        },
+        "features": [r.to_dict() for r in c.features],
+    }  # fmt: skip
+    if residuals:
+        out["residuals"] = {str(L): _floats(r) for L, r in c.residual.items()}
+    if attention:
+        out["attention"] = {str(L): _floats(a) for L, a in c.attention.items()}
+    return out
+
+
 def layer_norms(residuals: Sequence[np.ndarray]) -> np.ndarray:
     """float32 [L, T]: each token's residual L2 norm per layer (computed in float64)."""
     return np.stack([np.linalg.norm(r.astype(np.float64), axis=-1) for r in residuals]).astype(
@@ -361,4 +469,11 @@ def capture(
     )  # fmt: skip
 
 
-__all__ = ["Capture", "capture", "layer_cosines", "layer_norms"]
+__all__ = [
+    "Capture",
+    "CaptureRequestError",
+    "capture",
+    "capture_json",
+    "layer_cosines",
+    "layer_norms",
+]

@@ -128,14 +128,14 @@ def project(
     residual: np.ndarray, method: Projection = "umap", clusters: int = 4, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """2-D coordinates [T, 2], k-means cluster ids [T] and the method actually used."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
+    from sklearn.cluster import KMeans  # type: ignore[import-untyped]
+    from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 
     x = residual.astype(np.float32)
     used = method
     if method == "umap":
         try:
-            import umap
+            import umap  # type: ignore[import-untyped]
         except ImportError:
             used = "pca"
     if used == "umap" and len(x) > 3:

@@ -200,6 +200,15 @@ class RequestHandle:
         raise RequestFailed(f"Request {self.request_id} ended without completing.")
 
 
+@dataclass
+class _Call:
+    """A job that is not a generation: ``fn(session)`` on the worker (``Engine.call``)."""
+
+    fn: Callable[[Session], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
 def _describe(session: Session) -> EngineInfo:
     return EngineInfo(
         model_name=session.model_name,
@@ -237,7 +246,8 @@ class Engine:
         self._max_model_len = max_model_len
         self._session: Session | None = None
         self._info: EngineInfo | None = None
-        self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._jobs: queue.Queue[RequestHandle | _Call | None] = queue.Queue()
+        self._calls = 0  # Engine.call jobs queued or running
         self._lock = threading.Lock()
         self._active: dict[str, RequestHandle] = {}  # request id -> queued or running handle
         self._loaded = threading.Event()
@@ -355,6 +365,40 @@ class Engine:
         self._jobs.put(handle)
         return handle
 
+    async def call(self, fn: Callable[[Session], Any]) -> Any:
+        """Run ``fn(session)`` on the worker, in turn with generations (the session is the
+        worker's alone), and return its result; its exception is raised here."""
+        if self._closing:
+            raise EngineClosed("The server is shutting down; send the request elsewhere or later.")
+        with self._lock:
+            if self._calls + len(self._active) > self.max_pending:
+                raise EngineBusy("The server is busy. Retry shortly.")
+            self._calls += 1
+        loop = asyncio.get_running_loop()
+        job = _Call(fn, loop.create_future(), loop)
+        self._jobs.put(job)
+        return await job.future
+
+    def _run_call(self, session: Session, job: _Call) -> None:
+        def settle(result: Any, error: BaseException | None) -> None:
+            if job.future.done():  # the caller went away
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+        try:
+            result, error = job.fn(session), None
+        except Exception as e:
+            if not isinstance(e, ConfigError):
+                log.exception("A worker call failed")
+            result, error = None, e
+        finally:
+            with self._lock:
+                self._calls -= 1
+        job.loop.call_soon_threadsafe(settle, result, error)
+
     async def labels(self, layer: int) -> dict[str, str]:
         """Every feature's label at ``layer`` ({"index": label}), computed off the loop.
 
@@ -411,6 +455,9 @@ class Engine:
                 handle = self._jobs.get()
                 if handle is None:
                     break
+                if isinstance(handle, _Call):
+                    self._run_call(session, handle)
+                    continue
                 try:
                     self._run_one(session, handle)
                 finally:

@@ -291,3 +291,79 @@ def test_cli_refuses_bad_input_with_a_message(tmp_path):
         app, ["capture", "--output", str(tmp_path / "x"), "--text", "a", "--layers", "1,b"]
     )
     assert result.exit_code == 1 and "--layers takes 'all'" in result.output
+
+
+KEY = "sk-capture-test-51c2"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tiny_sae):
+    pytest.importorskip("torch")
+    from serve_support import start_server
+
+    server = start_server(tiny_model, tiny_sae["npz"], api_key=KEY)
+    yield server
+    server.stop()
+
+
+def _post(server, body, key=KEY):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = server.listening.features_url + "/v1/features/capture"
+    return httpx.post(url, json=body, headers=headers, timeout=60)
+
+
+def test_server_capture_needs_the_key_and_matches_the_session(server, tiny_model, tiny_sae):
+    r = _post(server, {"text": LONG_PROMPT}, key=None)
+    assert r.status_code == 401 and KEY not in r.text
+    r = _post(server, {"text": LONG_PROMPT, "residuals": True, "attention": True, "layers": [0, 2]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=TINY_LAYER,
+        backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        local = s.capture(LONG_PROMPT, layers=[0, 2], attention=True)
+    assert body["token_ids"] == local.token_ids.tolist() and body["layers"] == [0, 2]
+    np.testing.assert_allclose(body["norms"], local.norms, atol=1e-5)
+    np.testing.assert_allclose(body["cosine"], local.cosine, atol=1e-6)
+    np.testing.assert_allclose(body["residuals"]["2"], local.residual[2], atol=1e-6)
+    np.testing.assert_allclose(body["attention"]["0"], local.attention[0], atol=1e-6)
+    assert body["logit_lens"]["token_ids"] == local.lens_ids.tolist()
+    assert body["logit_lens"]["tokens"][1][5] == local.lens_tokens[1][5]
+    assert [f["layer"] for f in body["features"]] == [TINY_LAYER] * (len(local) - 1)
+    # Without asking: no residuals, no attention.
+    lean = _post(server, {"messages": [{"role": "user", "content": "Hi there"}]}).json()
+    assert "residuals" not in lean and "attention" not in lean and len(lean["norms"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"text": "x" * 20_001}, "text"),
+        ({"text": "Hi", "generate": 65}, "generate"),
+        ({"text": "Hi", "layers": [7]}, None),
+        ({"text": "Hi", "layers": "some"}, "layers"),
+        ({"text": "Hi", "attention": "yes"}, "attention"),
+        ({"text": "Hi", "messages": []}, "text"),
+        ({}, "text"),
+        ({"messages": "Hi"}, "messages"),
+        ({"text": "Hi", "residuals": True, "layers": [0, 1, 2, 3]}, "residuals"),
+    ],
+)
+def test_server_capture_refuses_bad_requests_with_400(server, monkeypatch, body, param):
+    import neuroscope.capture
+
+    monkeypatch.setattr(neuroscope.capture, "MAX_REQUEST_VALUES", 500)  # 2 tokens x 4 x 64 > 500
+    r = _post(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_server_capture_refuses_texts_over_the_token_limit(server):
+    r = _post(server, {"text": "Paris " * 1500})  # under the character limit, over 1,024 tokens
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+    assert "1024 tokens" in r.json()["error"]["message"]
+    assert _post(server, {"text": "Hello"}).status_code == 200  # the engine is still serving

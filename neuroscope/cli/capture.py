@@ -180,8 +180,8 @@ def _draw(
                 result,
                 layer,
                 folder / f"projection_L{layer}.png",
-                method=projection,
-                clusters=clusters,  # type: ignore[arg-type]
-            )  # fmt: skip
+                method="pca" if projection == "pca" else "umap",
+                clusters=clusters,
+            )
         )
     return out

@@ -14,12 +14,14 @@ interval, so proxies and clients do not time the connection out.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
+from neuroscope.capture import MAX_REQUEST_CHARS, CaptureRequestError, capture_json
 from neuroscope.engine import Engine
 from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
 from neuroscope.records import TokenFeatures
@@ -133,6 +135,46 @@ def _layer_param(request: Request, engine: Engine) -> int | None:
     return layer
 
 
+def _capture_args(raw: bytes) -> dict[str, Any]:
+    """The fields of a capture request, type-checked (bounds that need the model come later)."""
+    # JSON escapes can quadruple a text; the rest leaves room for the other fields.
+    if len(raw) > 8 * MAX_REQUEST_CHARS + 4096:
+        raise APIError(400, f"The body is {len(raw)} bytes; a capture request is far smaller.")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"The body is not JSON: {e}.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The body must be a JSON object.")
+    text, messages = body.get("text"), body.get("messages")
+    if (text is None) == (messages is None):
+        raise APIError(400, "Give exactly one of text (raw text) and messages.", param="text")
+    if text is not None and not isinstance(text, str):
+        raise APIError(400, "text must be a string.", param="text")
+    if messages is not None and (
+        not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages)
+    ):
+        raise APIError(400, "messages must be a list of {role, content} objects.", param="messages")
+    layers = body.get("layers", "all")
+    if layers != "all" and (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+    ):
+        raise APIError(400, 'layers must be "all" or a list of layer numbers.', param="layers")
+    args: dict[str, Any] = {"prompt": text if text is not None else messages, "layers": layers}
+    for name, default in (("residuals", False), ("attention", False), ("features", True)):
+        value = body.get(name, default)
+        if not isinstance(value, bool):
+            raise APIError(400, f"{name} must be true or false.", param=name)
+        args[name] = value
+    generate = body.get("generate", 0)
+    if not isinstance(generate, int) or isinstance(generate, bool):
+        raise APIError(400, "generate must be a whole number.", param="generate")
+    args["generate"] = generate
+    return args
+
+
 def create_features_app(
     engine: Engine,
     hub: Hub,
@@ -205,6 +247,17 @@ def create_features_app(
             )
         return await engine.feature_info(layer, index)
 
+    @post("/v1/features/capture", status_code=200)
+    async def capture(request: Request) -> dict[str, Any]:
+        """Every layer of one short text: norms, cosines, logit lens, SAE records; residuals and
+        attention when asked (bounded; neuroscope.capture.MAX_REQUEST_*)."""
+        args = _capture_args(await request.body())
+        prompt = args.pop("prompt")
+        try:
+            return await engine.call(lambda session: capture_json(session, prompt, **args))
+        except CaptureRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
     @get("/health", opt=OPEN)
     async def health() -> Response:
         if engine.closing:
@@ -216,6 +269,7 @@ def create_features_app(
             stream,
             labels,
             feature_info,
+            capture,
             health,
             *page_routes(
                 engine,
