@@ -84,6 +84,26 @@ def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleL
     raise ModelLoadError(f"Cannot find the {num_layers} decoder blocks of {type(model).__name__}.")
 
 
+def _to_host(
+    top: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+) -> StepFeatures:
+    """Every layer's top-k in one device-to-host copy per kind, not two per layer: on an
+    accelerator each copy waits for the device, so a step with 26 hooked layers synchronised 52
+    times."""
+    if not top:
+        return {}
+    layers = list(top)
+    indices = torch.stack([top[layer][0] for layer in layers]).cpu().numpy()  # [layers, T, k]
+    values = torch.stack([top[layer][1].float() for layer in layers]).cpu().numpy()
+    out = {}
+    for i, layer in enumerate(layers):
+        watched = top[layer][2]  # the monitored features' activations, for steered requests only
+        out[layer] = LayerTopK(
+            indices[i], values[i], None if watched is None else watched.cpu().numpy()
+        )
+    return out
+
+
 def _cache_argument(model: torch.nn.Module) -> str:
     """The keyword the model's forward takes its KV cache by: ``cache`` since transformers
     renamed ``past_key_values`` (which it warns about, then removes in 5.40)."""
@@ -233,22 +253,18 @@ class TorchBackend(Backend):
         With steering, clamped features read their value at steered positions (from ``first``)
         and the watched features' full activations come along.
         """
-        out = {}
+        top: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for layer, sae in self._saes.items():
             residual = self._take(layer)[0]
             if steering is None:
                 indices, values = sae.top_k(residual, self._top_k)
-                out[layer] = LayerTopK(indices.cpu().numpy(), values.cpu().numpy())
+                top[layer] = (indices, values, None)
                 continue
             acts = steering.pin(layer, sae.encode(residual), first)
             values, indices = acts.topk(self._top_k, dim=-1)
             watched = steering.watched(layer)
-            out[layer] = LayerTopK(
-                indices.cpu().numpy(),
-                values.cpu().numpy(),
-                None if watched is None else acts[:, watched].cpu().numpy(),
-            )
-        return out
+            top[layer] = (indices, values, None if watched is None else acts[:, watched])
+        return _to_host(top)
 
     def _forward(
         self,
@@ -333,7 +349,9 @@ class TorchBackend(Backend):
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
             drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
-            drop[..., 0] = False  # the most likely token stays (a tiny top_p rounds to 0 in float32)
+            drop[..., 0] = (
+                False  # the most likely token stays (a tiny top_p rounds to 0 in float32)
+            )
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
