@@ -37,9 +37,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def _label(token: str) -> str:
+def _label(token: str, width: int = 14) -> str:
     # Newlines and tabs would break the axis; '$' would start matplotlib's math mode.
-    return repr(token)[1:-1].replace("$", r"\$")[:14]
+    return repr(token)[1:-1].replace("$", r"\$")[:width]
 
 
 def _token_ticks(ax: Any, tokens: list[str], axis: str = "x") -> None:
@@ -62,11 +62,25 @@ def _save(fig: Any, path: str | Path) -> Path:
     return target
 
 
-def norm_heatmap(capture: Capture, path: str | Path, skip_bos: bool = True) -> Path:
-    """Layers (rows) x tokens (columns), coloured by the residual's L2 norm; BOS left out by
-    default (its norm dwarfs every other token's)."""
+def _model_name(capture: Capture) -> str:
+    return Path(capture.model).name or capture.model  # a GGUF or folder path: its last part
+
+
+def first_is_outlier(capture: Capture, ratio: float = 4.0) -> bool:
+    """Is position 0's norm, at some layer, ``ratio`` times the median of the others? (The first
+    token, BOS or not, is often an "attention sink" whose norm dwarfs the rest and would wash out
+    the colour scale.)"""
+    if len(capture) < 3:
+        return False
+    median = np.median(capture.norms[:, 1:], axis=1)
+    return bool((capture.norms[:, 0] > ratio * np.maximum(median, 1e-12)).any())
+
+
+def norm_heatmap(capture: Capture, path: str | Path) -> Path:
+    """Layers (rows) x tokens (columns), coloured by the residual's L2 norm; position 0 is left
+    out when it is an outlier (:func:`first_is_outlier`), and the title says so."""
     plt = _pyplot()
-    first = 1 if skip_bos and len(capture) > 1 else 0
+    first = 1 if first_is_outlier(capture) else 0
     norms = capture.norms[:, first:]
     tokens = capture.tokens[first:]
     fig, ax = plt.subplots(figsize=(min(18, 2 + 0.22 * len(tokens)), 1.5 + 0.25 * len(norms)))
@@ -74,7 +88,8 @@ def norm_heatmap(capture: Capture, path: str | Path, skip_bos: bool = True) -> P
     ax.set_yticks(range(len(capture.layers)), [str(L) for L in capture.layers], fontsize=7)
     ax.set_ylabel("layer")
     _token_ticks(ax, tokens)
-    ax.set_title(f"{capture.model}: residual norm per layer and token")
+    note = " (position 0, an outlier, left out)" if first else ""
+    ax.set_title(f"{_model_name(capture)}: residual norm per layer and token{note}")
     fig.colorbar(image, ax=ax, label="L2 norm")
     return _save(fig, path)
 
@@ -93,7 +108,7 @@ def feature_heatmap(capture: Capture, layer: int, path: str | Path, top: int = 2
     image = ax.imshow(grid[:, order].T, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_yticks(
         range(len(order)),
-        [_label(f"{features[i]} {labels[features[i]]}") for i in order],
+        [_label(f"{features[i]} {labels[features[i]]}", 36) for i in order],
         fontsize=7,
     )
     _token_ticks(ax, capture.tokens)
@@ -156,12 +171,12 @@ def projection(
     method: Projection = "umap",
     clusters: int = 4,
 ) -> Path:
-    """Each token's residual at ``layer`` as a point (BOS left out), coloured by its k-means
-    cluster in the full space, labelled with the token."""
+    """Each token's residual at ``layer`` as a point (position 0 left out when it is an outlier),
+    coloured by its k-means cluster in the full space, labelled with the token."""
     plt = _pyplot()
     if layer not in capture.residual:
         raise ConfigError(f"No residual was kept at layer {layer}; capture with residual=True.")
-    first = 1 if len(capture) > 3 else 0
+    first = 1 if first_is_outlier(capture) else 0
     xy, labels, used = project(capture.residual[layer][first:], method, clusters)
     fig, ax = plt.subplots(figsize=(8, 6.5))
     ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=28)
