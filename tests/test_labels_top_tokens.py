@@ -17,7 +17,9 @@ def test_label_counts_tokens_case_folded_and_keeps_their_first_spelling():
                 ("\n", 6.0), (" London", 5.0), (" Rome", 4.0)]  # fmt: skip
     assert top_tokens.top_token_label(examples) == "Paris · London · Berlin"
     assert top_tokens.top_token_label(examples, n=1) == "Paris"
-    assert top_tokens.top_token_label([("  ", 1.0)]) is None
+    assert top_tokens.top_token_label([("\n\n", 2.0), ("\n", 1.0)]) == "↵↵ · ↵"
+    assert top_tokens.top_token_label([("", 1.0)]) == top_tokens.SPECIAL
+    assert top_tokens.top_token_label([]) is None
 
 
 def test_ties_in_count_go_to_the_stronger_activation():

@@ -30,16 +30,18 @@ SEPARATOR = " · "
 DEFAULT_TOKENS = 3
 # Examples read per feature: enough for a vote, few enough that one stray passage cannot win.
 DEFAULT_EXAMPLES = 20
+SPECIAL = "⟨special token⟩"
+_VISIBLE = str.maketrans({"\n": "↵", "\t": "⇥", " ": "␣", "\r": ""})
 
 
 def top_token_label(tokens: Sequence[tuple[str, float]], n: int = DEFAULT_TOKENS) -> str | None:
     """``'Paris · London · Berlin'`` from a feature's (token, activation) examples, strongest first;
-    None when no example has a visible token."""
+    None when there are none."""
     votes: dict[str, tuple[int, float, str]] = {}
     for token, activation in tokens:
-        shown = " ".join(token.split())
-        if not shown:
-            continue
+        # whitespace-only tokens (newlines, indentation) fire features too: show them visibly; an
+        # empty one is a special token (end of text, chat markers), which examples decode to ""
+        shown = " ".join(token.split()) or token.translate(_VISIBLE) or SPECIAL
         key = shown.casefold()
         count, best, first = votes.get(key, (0, float("-inf"), shown))
         votes[key] = (count + 1, max(best, activation), first)
