@@ -167,13 +167,13 @@ class _Compiler:
                 dict(fmt.json_schema),
                 overrides=JSON_OPTIONS,  # type: ignore[arg-type]
             )
-        except ValueError as e:
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer
+            )
+        except Exception as e:  # noqa: BLE001 - whatever a client's schema does, it is a 400
             raise GrammarError(
-                f"response_format.json_schema.schema is not valid JSON: {e}"
+                f"response_format.json_schema.schema cannot be compiled: {type(e).__name__}: {e}"
             ) from None
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.tokenizer
-        )
         if is_error:
             raise GrammarError(
                 "response_format.json_schema.schema cannot be used for constrained decoding: "

@@ -214,3 +214,12 @@ def test_response_format_field_errors_name_their_part() -> None:
         parse_response_format({"type": "json_schema", "json_schema": {"schema": []}})
     with pytest.raises(GrammarError, match="must be an object"):
         parse_response_format("json")
+
+
+@pytest.mark.parametrize(
+    "schema", [{"type": 5}, {"$ref": 3}, {"allOf": "x"}, {"properties": []}, {"type": "nope"}]
+)
+def test_odd_schemas_are_grammar_errors_not_crashes(chat_tokenizer, schema) -> None:
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"schema": schema}})
+    with pytest.raises(GrammarError, match="response_format.json_schema.schema"):
+        compile_response_format(chat_tokenizer, fmt)  # type: ignore[arg-type]
