@@ -30,6 +30,7 @@ from neuroscope.sae import SAE
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from neuroscope.attribution import ResidualSplit
     from neuroscope.steering import CompiledSteering
 
 ENTRY_POINT_GROUP = "neuroscope.backends"
@@ -200,6 +201,19 @@ class Backend(ABC):
         keeps the residuals of ``layers``, their attention patterns when asked and a logit lens of
         ``lens_top`` tokens (``neuroscope.capture``)."""
         raise ConfigError(f"The {self.name} backend cannot capture activations.")
+
+    def attribute(
+        self,
+        token_ids: Sequence[int],
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> ResidualSplit:
+        """One uncached forward pass over ``token_ids`` with block ``layer``'s output at
+        ``position`` split along ``direction_at(that output)`` (float64 [d]) into the embedding,
+        each block's attention output per source position, each MLP output and the model's biases,
+        norm scales frozen at their observed values (``neuroscope.attribution``)."""
+        raise ConfigError(f"The {self.name} backend cannot attribute features.")
 
     def peak_memory_mib(self) -> float | None:
         """Peak memory the device's allocator reports, in MiB; None where it reports none."""

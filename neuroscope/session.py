@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from neuroscope.attribution import Attribution, Direction, FeatureMap
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.capture import Capture
 from neuroscope.chat import ChatTokenizer, Message
@@ -415,6 +416,29 @@ class Session:
             self, text_or_messages, layers, residual=residual, attention=attention,
             features=features, generate=generate,
         )  # fmt: skip
+
+    def feature_map(
+        self,
+        from_layer: int,
+        to_layer: int,
+        feature: int | None = None,
+        top: int = 20,
+        direction: Direction = "out",
+    ) -> FeatureMap:
+        """Virtual weights ``W_dec[from_layer] @ W_enc[to_layer]`` (weight space, no forward pass):
+        what ``feature`` drives (``direction="out"``) or what drives it (``"in"``), or the
+        strongest pairs overall (``feature=None``); see neuroscope.attribution, docs/why.md."""
+        from neuroscope.attribution import session_feature_map
+
+        return session_feature_map(self, from_layer, to_layer, feature, top, direction)
+
+    def attribute(self, text: str, layer: int, feature: int, position: int) -> Attribution:
+        """Why ``feature`` of ``layer`` fired at ``position`` of ``text`` (tokenized as ``trace``
+        does, BOS at 0): its pre-activation split exactly into the embedding, each block's
+        attention per source token, each block's MLP and the biases (docs/why.md)."""
+        from neuroscope.attribution import session_attribute
+
+        return session_attribute(self, self.tokenizer.encode_text(text), layer, feature, position)
 
     def set_labels(self, labels: Labels | LabelLookup | None) -> None:
         """Where feature labels come from: a ``neuroscope.labels.LabelResolver``, any

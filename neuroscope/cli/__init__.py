@@ -44,6 +44,7 @@ def main(
 from neuroscope.cli import bench as _bench  # noqa: E402, F401
 from neuroscope.cli import calibrate as _calibrate  # noqa: E402, F401
 from neuroscope.cli import capture as _capture  # noqa: E402, F401
+from neuroscope.cli import circuits as _circuits  # noqa: E402, F401
 from neuroscope.cli import corpus as _corpus  # noqa: E402, F401
 from neuroscope.cli import data as _data  # noqa: E402, F401
 from neuroscope.cli import labels as _labels  # noqa: E402, F401

@@ -1,0 +1,429 @@
+"""Why did a feature fire: the causal map between layers (weight space) and per-token attribution.
+
+Two tools, both exact (docs/why.md):
+
+* ``feature_map``: virtual weights ``W_dec[from] @ W_enc[to]`` between the SAE of an earlier layer
+  and the SAE of a later one: how much writing one unit of feature i into the residual stream moves
+  the pre-activation of feature j, before any token-dependent scale. Pure numpy, no forward pass;
+  the strongest pairs overall are found in blocks so a 16k x 16k map never sits in memory.
+* ``Attribution``: a feature's pre-activation at one position split into the scaled embedding, each
+  block's attention output per source position, each block's MLP output and the biases. The backend
+  runs the forward pass with norm scales frozen at their observed values (``Backend.attribute``);
+  this module turns the SAE's encoder into the linear functional it applies (``linearize``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from neuroscope.errors import ConfigError
+from neuroscope.sae import SAE
+
+Direction = Literal["out", "in"]
+Component = Literal["embed", "attn", "mlp", "bias"]
+# Rows of the from-SAE's decoder multiplied at once when looking for the strongest pairs overall:
+# 1024 x 16k float32 is 64 MiB.
+PAIR_BLOCK_ROWS = 1024
+
+
+# --- the causal map between layers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One virtual weight: feature ``source`` of ``from_layer`` -> feature ``target`` of ``to_layer``."""
+
+    from_layer: int
+    source: int
+    to_layer: int
+    target: int
+    weight: float
+    source_label: str = ""
+    target_label: str = ""
+
+    @property
+    def effect(self) -> str:
+        return "excite" if self.weight > 0 else "inhibit" if self.weight < 0 else "none"
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """The strongest virtual weights, strongest first (by absolute value, the sign kept)."""
+
+    from_layer: int
+    to_layer: int
+    direction: Direction | Literal["pairs"]
+    feature: int | None
+    entries: list[MapEntry]
+
+    def to_json(self) -> str:
+        rows = [asdict(e) | {"effect": e.effect} for e in self.entries]
+        return json.dumps(
+            {
+                "from_layer": self.from_layer,
+                "to_layer": self.to_layer,
+                "direction": self.direction,
+                "feature": self.feature,
+                "entries": rows,
+            },
+            indent=2,
+        )
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(
+            ["from_layer", "source", "source_label", "to_layer", "target", "target_label"]
+            + ["weight", "effect"]
+        )
+        for e in self.entries:
+            writer.writerow(
+                [e.from_layer, e.source, e.source_label, e.to_layer, e.target, e.target_label]
+                + [f"{e.weight:.9g}", e.effect]
+            )
+        return out.getvalue()
+
+
+def map_matrices(sae_from: SAE, sae_to: SAE) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder of ``sae_from`` [width_from, d] and the encoder of ``sae_to`` [d, width_to] as
+    the virtual-weight product uses them.
+
+    The encoder's input conventions that are linear in the residual are applied: ``layer_norm``
+    centres its input, so the decoder rows are centred (x - mean(x) is linear in x). Token-dependent
+    scales (``input_norm="rms"``, ``constant_norm_rescale``, ``layer_norm``'s division by the std)
+    are left out: the map is per unit of residual before them. ``b_dec`` subtraction and ``b_enc``
+    are constants that no upstream feature moves, so they are not part of the map.
+    """
+    if sae_from.W_dec is None:
+        raise ConfigError(f"SAE {sae_from.id} has no decoder (W_dec): it cannot start a map.")
+    if sae_to.site == "attn_z" or sae_from.W_dec.shape[-1] != sae_to.d_model:
+        raise ConfigError(
+            f"SAE {sae_from.id} writes vectors of size {sae_from.W_dec.shape[-1]} but SAE "
+            f"{sae_to.id} reads {sae_to.d_model} ({sae_to.site}): the map needs two SAEs on the "
+            "residual stream of the same model."
+        )
+    W_dec = sae_from.W_dec
+    if sae_to.normalize == "layer_norm":
+        W_dec = W_dec - W_dec.mean(axis=-1, keepdims=True)
+    return W_dec, sae_to.W_enc
+
+
+def _check_feature(sae: SAE, feature: int, what: str) -> None:
+    if not 0 <= feature < sae.width:
+        raise ConfigError(
+            f"{what} {feature} is outside SAE {sae.id}, which has features 0..{sae.width - 1}."
+        )
+
+
+def _top(values: np.ndarray, top: int) -> np.ndarray:
+    """Indices of the ``top`` largest |values|, strongest first (ties: lower index first)."""
+    top = min(top, values.size)
+    part = (
+        np.argpartition(-np.abs(values), top - 1)[:top]
+        if top < values.size
+        else np.arange(values.size)
+    )
+    return part[np.lexsort((part, -np.abs(values[part])))]
+
+
+def feature_map(
+    sae_from: SAE,
+    sae_to: SAE,
+    from_layer: int,
+    to_layer: int,
+    feature: int | None = None,
+    top: int = 20,
+    direction: Direction = "out",
+    labels: Callable[[int, int], str] | None = None,
+    block_rows: int = PAIR_BLOCK_ROWS,
+) -> FeatureMap:
+    """The strongest virtual weights from ``from_layer``'s SAE to ``to_layer``'s.
+
+    ``feature`` with ``direction="out"``: a ``from_layer`` feature and the ``to_layer`` features it
+    drives; ``direction="in"``: a ``to_layer`` feature and the ``from_layer`` features that drive
+    it; ``feature=None``: the strongest pairs overall, computed ``block_rows`` decoder rows at a time.
+    """
+    if from_layer >= to_layer:
+        raise ConfigError(
+            f"from_layer ({from_layer}) must be before to_layer ({to_layer}): features act on "
+            "later layers only."
+        )
+    if top < 1:
+        raise ConfigError(f"top must be at least 1, got {top}.")
+    if direction not in ("out", "in"):
+        raise ConfigError(f"direction must be 'out' or 'in', not {direction!r}.")
+    W_dec, W_enc = map_matrices(sae_from, sae_to)
+    name = labels or (lambda layer, index: f"feature_{index}")
+
+    def entry(i: Any, j: Any, w: Any) -> MapEntry:
+        return MapEntry(
+            from_layer, int(i), to_layer, int(j), float(w), name(from_layer, int(i)),
+            name(to_layer, int(j)),
+        )  # fmt: skip
+
+    if feature is not None:
+        if direction == "out":
+            _check_feature(sae_from, feature, f"Feature (of layer {from_layer})")
+            row = W_dec[feature] @ W_enc
+            entries = [entry(feature, j, row[j]) for j in _top(row, top)]
+        else:
+            _check_feature(sae_to, feature, f"Feature (of layer {to_layer})")
+            col = W_dec @ W_enc[:, feature]
+            entries = [entry(i, feature, col[i]) for i in _top(col, top)]
+        return FeatureMap(from_layer, to_layer, direction, feature, entries)
+
+    # Strongest pairs overall: keep the best ``top`` of each block, merge as we go.
+    best_w = np.empty(0, dtype=np.float32)
+    best_i = np.empty(0, dtype=np.int64)
+    best_j = np.empty(0, dtype=np.int64)
+    width_to = W_enc.shape[1]
+    for start in range(0, W_dec.shape[0], block_rows):
+        block = W_dec[start : start + block_rows] @ W_enc  # [rows, width_to]
+        flat = block.ravel()
+        pick = _top(flat, top)
+        best_w = np.concatenate([best_w, flat[pick]])
+        best_i = np.concatenate([best_i, start + pick // width_to])
+        best_j = np.concatenate([best_j, pick % width_to])
+        keep = _top(best_w, top)
+        best_w, best_i, best_j = best_w[keep], best_i[keep], best_j[keep]
+    entries = [
+        entry(int(i), int(j), float(w)) for i, j, w in zip(best_i, best_j, best_w, strict=True)
+    ]
+    return FeatureMap(from_layer, to_layer, "pairs", None, entries)
+
+
+# --- per-token attribution -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Linearized:
+    """The SAE's encoder for one feature at one residual, with its scales frozen:
+    ``pre = residual @ direction + constant`` exactly at that residual."""
+
+    direction: np.ndarray  # float64 [d]
+    constant: float  # b_enc[f] minus b_dec's share when the SAE subtracts it
+
+
+def linearize(sae: SAE, feature: int, residual: np.ndarray) -> Linearized:
+    """Freeze the SAE's input scales at ``residual`` (as ``neuroscope_torch.sae.TorchSAE.encode``
+    computes them): RMS normalisation, constant-norm rescaling and layer norm are linear maps once
+    their scale is a number."""
+    _check_feature(sae, feature, "Feature")
+    if sae.site != "resid_post":
+        raise ConfigError(
+            f"Attribution reads SAEs on the residual stream (resid_post); SAE {sae.id} reads "
+            f"{sae.site}."
+        )
+    x = residual.astype(np.float64)
+    w = sae.W_enc[:, feature].astype(np.float64)
+    constant = float(sae.b_enc[feature])
+    if sae.apply_b_dec_to_input:  # b_dec is subtracted after the normalisation: a constant
+        constant -= float(sae.b_dec.astype(np.float64) @ w)
+    scale = 1.0
+    if sae.input_norm == "rms":
+        scale /= float(np.sqrt(np.mean(x * x)))
+        x = x * scale
+    if sae.normalize == "constant_norm_rescale":
+        s = float(np.sqrt(x.size) / np.linalg.norm(x))
+        x, scale = x * s, scale * s
+    elif sae.normalize == "layer_norm":
+        # (x - mean(x)) . w == x . (w - mean(w)); the std (unbiased, eps added) is frozen.
+        centred = x - x.mean()
+        s = 1.0 / (float(np.std(centred, ddof=1)) + 1e-5)
+        w = w - w.mean()
+        scale *= s
+    return Linearized(direction=w * scale, constant=constant)
+
+
+@dataclass(frozen=True)
+class ResidualSplit:
+    """What a backend's ``attribute`` returns: ``residual`` (block ``layer``'s output at the
+    position) split along a direction into the embedding, each block's attention output by source
+    position, each block's MLP output, and the model's own biases (o_proj's and the like, through
+    the frozen post-norms)."""
+
+    residual: np.ndarray  # float32 [d]
+    embed: float
+    attn: np.ndarray  # float64 [layer + 1, T]
+    mlp: np.ndarray  # float64 [layer + 1]
+    bias: float = 0.0
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a pre-activation. ``layer``/``source_position`` are None where they do not
+    apply (embed has no layer; only attn has a source)."""
+
+    component: Component
+    layer: int | None
+    source_position: int | None
+    value: float
+    source_token: str = ""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Why feature ``feature`` of ``layer`` fired at ``position``: ``terms`` sum to ``total``."""
+
+    layer: int
+    feature: int
+    position: int
+    token: str
+    total: float  # the pre-activation x . W_enc[:, f] + b_enc[f] (with the SAE's conventions)
+    activation: float  # the feature's activation after its nonlinearity (0 when it did not fire)
+    terms: list[Term] = field(default_factory=list)
+    label: str = ""
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def residual_error(self) -> float:
+        """|sum(terms) - total|: how exact the split is."""
+        return abs(sum(t.value for t in self.terms) - self.total)
+
+    def by_component(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for t in self.terms:
+            out[t.component] += t.value
+        return dict(out)
+
+    def by_layer(self) -> dict[int | None, float]:
+        """Per block (attention + MLP); ``None`` holds the embedding and the biases."""
+        out: dict[int | None, float] = defaultdict(float)
+        for t in self.terms:
+            out[t.layer if t.component in ("attn", "mlp") else None] += t.value
+        return dict(out)
+
+    def by_source(self) -> dict[int, float]:
+        """Per earlier token: what attention moved from it (summed over blocks), plus the
+        position's own embedding at the position itself."""
+        out: dict[int, float] = defaultdict(float)
+        for t in self.terms:
+            if t.component == "attn" and t.source_position is not None:
+                out[t.source_position] += t.value
+            elif t.component == "embed":
+                out[self.position] += t.value
+        return dict(out)
+
+    def top_terms(self, n: int = 10) -> list[Term]:
+        return sorted(self.terms, key=lambda t: -abs(t.value))[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"residual_error": self.residual_error}
+
+
+def activation_of(sae: SAE, pre: float, feature: int) -> float:
+    """The feature's activation from its pre-activation (top-k and gated need the whole vector:
+    reported as relu(pre), which they equal when the feature fires)."""
+    if sae.architecture == "jumprelu" and sae.threshold is not None:
+        return pre if pre > float(sae.threshold[feature]) and pre > 0 else 0.0
+    return max(pre, 0.0)
+
+
+def build_attribution(
+    sae: SAE,
+    layer: int,
+    feature: int,
+    position: int,
+    split: ResidualSplit,
+    lin: Linearized,
+    tokens: Sequence[str],
+    label: str = "",
+) -> Attribution:
+    """Terms from a backend's split and the frozen encoder (the SAE's bias folded into "bias")."""
+    terms = [Term("embed", None, position, split.embed, tokens[position])]
+    for block in range(split.attn.shape[0]):
+        for source in range(position + 1):
+            terms.append(
+                Term("attn", block, source, float(split.attn[block, source]), tokens[source])
+            )
+        terms.append(Term("mlp", block, None, float(split.mlp[block])))
+    terms.append(Term("bias", None, None, split.bias + lin.constant))
+    total = float(split.residual.astype(np.float64) @ lin.direction) + lin.constant
+    return Attribution(
+        layer=layer, feature=feature, position=position, token=tokens[position], total=total,
+        activation=activation_of(sae, total, feature), terms=terms, label=label,
+        tokens=list(tokens),
+    )  # fmt: skip
+
+
+# --- the session's side -----------------------------------------------------------------------------
+
+
+def session_feature_map(
+    session: Any,
+    from_layer: int,
+    to_layer: int,
+    feature: int | None = None,
+    top: int = 20,
+    direction: Direction = "out",
+) -> FeatureMap:
+    """``Session.feature_map``: both layers must have an SAE; labels are the session's."""
+    for which, layer in (("from_layer", from_layer), ("to_layer", to_layer)):
+        if layer not in session.saes:
+            raise ConfigError(
+                f"{which} {layer} has no SAE in this session (hooked layers: {session.layers})."
+            )
+    return feature_map(
+        session.saes[from_layer], session.saes[to_layer], from_layer, to_layer, feature=feature,
+        top=top, direction=direction, labels=session.builder.labels,
+    )  # fmt: skip
+
+
+def session_attribute(
+    session: Any, token_ids: Sequence[int], layer: int, feature: int, position: int
+) -> Attribution:
+    """``Session.attribute`` on token ids: checks, then the backend's exact split."""
+    if layer not in session.saes:
+        raise ConfigError(f"layer {layer} has no SAE in this session (hooked: {session.layers}).")
+    sae: SAE = session.saes[layer]
+    _check_feature(sae, feature, "feature")
+    if sae.site != "resid_post":
+        raise ConfigError(
+            f"Attribution reads SAEs on the residual stream (resid_post); the SAE at layer {layer} "
+            f"reads {sae.site}."
+        )
+    if not 0 <= position < len(token_ids):
+        raise ConfigError(
+            f"position {position} is outside the text, which has {len(token_ids)} tokens "
+            f"(positions 0..{len(token_ids) - 1}, BOS at 0)."
+        )
+    lins: list[Linearized] = []
+
+    def direction_at(residual: np.ndarray) -> np.ndarray:
+        lins.append(linearize(sae, feature, residual))
+        return lins[-1].direction
+
+    split = session.backend.attribute(list(token_ids), layer, position, direction_at)
+    tokens = [session.tokenizer.token_text(t) for t in token_ids]
+    return build_attribution(
+        sae,
+        layer,
+        feature,
+        position,
+        split,
+        lins[-1],
+        tokens,
+        session.builder.labels(layer, feature),
+    )
+
+
+__all__ = [
+    "Attribution",
+    "FeatureMap",
+    "Linearized",
+    "MapEntry",
+    "ResidualSplit",
+    "Term",
+    "build_attribution",
+    "feature_map",
+    "linearize",
+    "map_matrices",
+]
