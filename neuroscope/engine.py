@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from neuroscope.anomaly import DEFAULT_ANOMALY_Z, anomalies
 from neuroscope.errors import ConfigError, NeuroscopeError
 from neuroscope.generation import Event, TextDelta
 from neuroscope.hub import Hub, LoopBatcher
@@ -248,6 +249,9 @@ class Engine:
         self._info: EngineInfo | None = None
         self._jobs: queue.Queue[RequestHandle | _Call | None] = queue.Queue()
         self._calls = 0  # Engine.call jobs queued or running
+        # Features this many calibration standard deviations out are published as anomalies
+        # (neuroscope.anomaly); None: never.
+        self.anomaly_z: float | None = DEFAULT_ANOMALY_Z
         self._lock = threading.Lock()
         self._active: dict[str, RequestHandle] = {}  # request id -> queued or running handle
         self._loaded = threading.Event()
@@ -487,6 +491,8 @@ class Engine:
                     continue
                 self.hub.publish(event)
                 if isinstance(event, TokenFeatures):
+                    for anomaly in anomalies(event, self.anomaly_z):  # calibrated filters only
+                        self.hub.publish(anomaly)
                     if event.phase == "generation" and event.layer == first_layer:
                         handle.tokens_done += 1
                     if handle.records:

@@ -24,19 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from neuroscope.anomaly import AnomalyEvent
 from neuroscope.records import GenerationComplete, TokenFeatures
 from neuroscope.steering import MonitorEvent
 
 DEFAULT_SUBSCRIBER_QUEUE = 4096  # events; about two long prompts' worth of records
 DEFAULT_REPLAY = 4096  # events kept hub-wide for subscribers that reconnect with Last-Event-ID
 
-HubEvent = TokenFeatures | GenerationComplete | MonitorEvent
+HubEvent = TokenFeatures | GenerationComplete | MonitorEvent | AnomalyEvent
 T = TypeVar("T")
 
 EVENT_NAMES = {
     TokenFeatures: "feature_activation",
     GenerationComplete: "generation_complete",
     MonitorEvent: "monitor",
+    AnomalyEvent: "anomaly",
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
+from neuroscope.anomaly import AnomalyEvent
 from neuroscope.capture import MAX_REQUEST_CHARS, CaptureRequestError, capture_json
 from neuroscope.engine import Engine
 from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
@@ -45,7 +46,7 @@ def event_filter(
     def accept(event: HubEvent) -> bool:
         if request_id is not None and event.request_id != request_id:
             return False
-        if isinstance(event, TokenFeatures):
+        if isinstance(event, TokenFeatures | AnomalyEvent):
             if phase != "all" and event.phase != phase:
                 return False
             if layer is not None and event.layer != layer:
