@@ -7,7 +7,7 @@ emitted once token p+1 is known, so that it can name ``next_token``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -191,6 +191,27 @@ def prompt_records(
         yield from row
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeStep:
+    """What ``generation_steps`` asks of its driver: feed ``token``, send back its features."""
+
+    token: int
+
+
+class SequenceModel(Protocol):
+    """What one request's loop needs of a model besides decoding: a ``Backend``, or one sequence
+    of a batch (``neuroscope.batching``)."""
+
+    def prefill(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> StepFeatures: ...
+
+    def sample(self, allowed: np.ndarray | None = None) -> int: ...
+
+
 def generate(
     backend: Backend,
     tokenizer: ChatTokenizer,
@@ -206,10 +227,48 @@ def generate(
     steering: CompiledSteering | None = None,
     constraint: TokenConstraint | None = None,
 ) -> Iterator[Event]:
+    """Run one request alone: ``generation_steps`` with each decode done by ``backend.decode``."""
+    steps = generation_steps(
+        backend, tokenizer, builder, prompt_ids, request_id=request_id, max_tokens=max_tokens,
+        sampling=sampling, stop=stop, report_bos=report_bos, should_stop=should_stop,
+        steering=steering, constraint=constraint,
+    )  # fmt: skip
+    try:
+        item = next(steps)
+        while True:
+            if isinstance(item, DecodeStep):
+                item = steps.send(backend.decode(item.token))
+            else:
+                yield item
+                item = next(steps)
+    except StopIteration:
+        return
+    finally:
+        steps.close()
+
+
+def generation_steps(
+    backend: SequenceModel,
+    tokenizer: ChatTokenizer,
+    builder: RecordBuilder,
+    prompt_ids: Sequence[int],
+    *,
+    request_id: str,
+    max_tokens: int,
+    sampling: SamplingParams,
+    stop: Sequence[str] = (),
+    report_bos: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    steering: CompiledSteering | None = None,
+    constraint: TokenConstraint | None = None,
+) -> Generator[Event | DecodeStep, StepFeatures | None, None]:
     """Run one request: prompt records, then per generated token its text and its records.
 
     ``constraint`` (structured output, ``neuroscope.grammar``) says before each sample which
     tokens may come next, and is told each token drawn.
+
+    Besides events it yields a ``DecodeStep`` per generated token; its driver answers each with
+    ``send(features of that token)`` (``generate`` alone, ``neuroscope.batching`` in a batch).
 
     ``steering`` (compiled for this prompt) is handed to the backend with the prompt and lives
     as long as this sequence; its monitors yield a ``MonitorEvent`` after the record of the position
@@ -257,7 +316,9 @@ def generate(
         if should_stop():
             finish = "cancelled"
             break
-        features = backend.decode(token)
+        step = yield DecodeStep(token)  # the driver decodes: alone, or in a batch
+        assert step is not None, "send the features of a DecodeStep"
+        features = step
         last = stopped or i + 1 == max_tokens
         nxt = None if last else draw()
         nxt_text = None if nxt is None else nxt[1]

@@ -31,6 +31,7 @@ from neuroscope_torch.steering import SequenceSteering
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from neuroscope.attribution import ResidualSplit
     from neuroscope.steering import CompiledSteering
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -149,6 +150,7 @@ class TorchBackend(Backend):
         self._saes: dict[int, TorchSAE] = {}
         self._top_k = 0
         self._seq: TorchSequence | None = None
+        self._batch: Any = None  # neuroscope_torch.batch.TorchBatch, made on the first batched step
 
     @classmethod
     def load(
@@ -356,6 +358,35 @@ class TorchBackend(Backend):
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
+    # -- continuous batching (neuroscope.batching; the machinery is in neuroscope_torch.batch) ----
+
+    def start(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> tuple[TorchSequence, StepFeatures]:
+        """Prefill a sequence that will decode in the running batch (``decode_batch``)."""
+        from neuroscope_torch import batch
+
+        return batch.start(self, token_ids, sampling, steering)
+
+    def decode_batch(
+        self, seqs: Sequence[TorchSequence], token_ids: Sequence[int]
+    ) -> list[StepFeatures]:
+        """One step of every sequence in ``seqs`` (the batch becomes exactly these)."""
+        from neuroscope_torch import batch
+
+        if self._batch is None:
+            self._batch = batch.TorchBatch()
+        return batch.decode(self, self._batch, seqs, token_ids)
+
+    def sample_sequence(self, seq: TorchSequence, allowed: np.ndarray | None = None) -> int:
+        """``sample`` on a batched sequence."""
+        from neuroscope_torch import batch
+
+        return batch.sample(self, seq, allowed)
+
     # -- measurement ------------------------------------------------------------------------------
 
     def peak_memory_mib(self) -> float | None:
@@ -456,6 +487,21 @@ class TorchBackend(Backend):
         for layer in layers:
             self._check_layer(layer)
         return capture(self, ids, layers, attention, lens_top)
+
+    def attribute(
+        self,
+        token_ids: Sequence[int],
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> ResidualSplit:
+        from neuroscope_torch.attribution import attribute
+
+        ids = self._check_ids(token_ids)
+        self._check_layer(layer)
+        if not 0 <= position < len(ids):
+            raise ConfigError(f"position {position} is outside the {len(ids)} tokens.")
+        return attribute(self, ids, layer, position, direction_at)
 
     # -- checks -----------------------------------------------------------------------------------
 

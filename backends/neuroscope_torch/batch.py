@@ -1,0 +1,229 @@
+"""Continuous batching on torch: many sequences decode together, one forward pass per step.
+
+Design (the simplest exact one): the running batch holds ONE left-padded transformers
+``DynamicCache`` of full-length layers ([rows, heads, L, head_dim]) and a 2D attention mask
+[rows, L] that marks each row's real tokens. A step feeds one token per row with that row's own
+``position_ids``; transformers' own mask builders (``create_causal_mask`` and
+``create_sliding_window_causal_mask``) turn the 2D mask into each layer's mask. Sliding windows stay
+exact with left padding: they are measured as a difference of cache indices, and padding shifts the
+query and its keys alike.
+
+A newcomer is prefilled alone (its own cache, exactly as when it is served alone) and merged into
+the batch before its first decode, by left-padding either side to the longer length; a row that
+leaves is dropped with ``batch_select_indices`` and columns that became all padding are trimmed.
+
+Reused from transformers: ``DynamicCache``/``DynamicLayer`` (their tensors and
+``batch_select_indices``) and the masking utilities. Not reused: ``generation.continuous_batching``
+(its manager owns the generation loop and sampling, and packs all requests into one flattened
+sequence over paged attention, where the hooks would have to un-pack rows by offsets); see
+/work/notes/issue-13.md for the way towards it.
+
+The cache without a config keeps every token of sliding layers (more memory than the single
+sequence path's sliding layers, exact all the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures
+
+if TYPE_CHECKING:
+    from neuroscope.steering import CompiledSteering
+    from neuroscope_torch.backend import TorchBackend, TorchSequence
+
+
+class TorchBatch:
+    """The running batch: its rows (sequences, in cache order), their cache and padding mask."""
+
+    def __init__(self) -> None:
+        self.rows: list[TorchSequence] = []
+        self.cache: Any = None  # a DynamicCache of [rows, heads, L, head_dim] layers
+        self.mask: torch.Tensor | None = None  # long [rows, L], 1 where a real token is cached
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def keep(self, seqs: Sequence[TorchSequence]) -> None:
+        """Drop the rows not in ``seqs``, then trim the columns no remaining row uses."""
+        wanted = {id(s) for s in seqs}
+        kept = [i for i, s in enumerate(self.rows) if id(s) in wanted]
+        if len(kept) == len(self.rows):
+            return
+        if not kept:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        assert self.mask is not None
+        index = torch.tensor(kept, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.rows = [self.rows[i] for i in kept]
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
+        if first > 0:  # left padding nobody needs any more
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
+    def add(self, seq: TorchSequence) -> None:
+        """Merge a sequence prefilled alone (its own cache) as the last row."""
+        own = seq.cache
+        seq.cache = None  # it lives in the batch from now on
+        mask = torch.ones((1, seq.position), dtype=torch.long, device=seq.logits.device)
+        if self.cache is None:
+            self.rows, self.cache, self.mask = [seq], own, mask
+            return
+        assert self.mask is not None
+        length = max(self.length, seq.position)
+        pad_batch, pad_new = length - self.length, length - seq.position
+        for mine, theirs in zip(self.cache.layers, own.layers, strict=True):
+            mine.keys = torch.cat([_pad(mine.keys, pad_batch), _pad(theirs.keys, pad_new)])
+            mine.values = torch.cat([_pad(mine.values, pad_batch), _pad(theirs.values, pad_new)])
+        self.mask = torch.cat(
+            [
+                torch.nn.functional.pad(self.mask, (pad_batch, 0)),
+                torch.nn.functional.pad(mask, (pad_new, 0)),
+            ]
+        )
+        self.rows.append(seq)
+
+
+def _pad(kv: torch.Tensor, n: int) -> torch.Tensor:
+    """``kv`` [B, H, L, D] with ``n`` zero columns on the left of L (masked out, never read)."""
+    return kv if n == 0 else torch.nn.functional.pad(kv, (0, 0, n, 0))
+
+
+@torch.inference_mode()
+def start(
+    backend: TorchBackend,
+    token_ids: Sequence[int],
+    sampling: SamplingParams,
+    steering: CompiledSteering | None = None,
+) -> tuple[TorchSequence, StepFeatures]:
+    """Prefill a new sequence alone, as ``prefill`` does, but into a cache that can join a batch
+    (full-length layers) and without touching the backend's single sequence."""
+    from transformers import DynamicCache
+
+    from neuroscope_torch.backend import TorchSequence
+    from neuroscope_torch.steering import SequenceSteering
+
+    ids = backend._check_ids(token_ids)
+    generator = torch.Generator(device=backend._device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()
+    cache = DynamicCache()  # no config: every layer full-length, so rows can be padded and merged
+    steer = None if steering is None else SequenceSteering(steering, backend._saes, backend._device)
+    logits = backend._forward(cache, 0, ids, steer)
+    seq = TorchSequence(cache, sampling, generator, len(ids), logits, steer)
+    return seq, backend._features(steer, 0)
+
+
+@torch.inference_mode()
+def decode(
+    backend: TorchBackend, batch: TorchBatch, seqs: Sequence[TorchSequence], tokens: Sequence[int]
+) -> list[StepFeatures]:
+    """One decode step: ``tokens[i]`` into ``seqs[i]``; the features of each, in that order.
+
+    The batch becomes exactly ``seqs``: rows not named leave, sequences not yet in it join.
+    """
+    if len(seqs) != len(tokens) or not seqs:
+        raise ValueError("Give one token for each sequence, and at least one sequence.")
+    batch.keep(seqs)
+    present = {id(s) for s in batch.rows}
+    for seq in seqs:
+        if id(seq) not in present:
+            batch.add(seq)
+    by_row = {id(s): tokens[i] for i, s in enumerate(seqs)}
+    rows = batch.rows
+    device = backend._device
+    ids = torch.tensor([[by_row[id(s)]] for s in rows], device=device)
+    backend._check_ids(ids.flatten().tolist())
+    firsts = [s.position for s in rows]  # the position of the token each row feeds
+    assert batch.mask is not None
+    mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], 1)
+    positions = torch.tensor(firsts, device=device)[:, None]
+    steered = [(r, s.steering) for r, s in enumerate(rows) if s.steering is not None]
+    edited = []
+    for layer in {layer for _, st in steered for layer in st.layers}:
+        hook = backend._hook(layer)
+        hook.edit = lambda h, layer=layer: _steer_rows(h, layer, steered, firsts)
+        edited.append(hook)
+    try:
+        out = backend.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{backend._cache_arg: batch.cache},
+        )  # fmt: skip
+    finally:
+        for hook in edited:
+            hook.edit = None
+    batch.mask = mask
+    logits = out.logits[:, -1].float()
+    for r, seq in enumerate(rows):
+        seq.logits = logits[r]
+        seq.position += 1
+    features = _features(backend, rows, firsts)
+    order = {id(s): r for r, s in enumerate(rows)}
+    return [features[order[id(s)]] for s in seqs]
+
+
+def _steer_rows(
+    hidden: torch.Tensor, layer: int, steered: list[tuple[int, Any]], firsts: list[int]
+) -> torch.Tensor:
+    """Each steered row's own steering on its own row of ``hidden`` [B, T, d]; others untouched."""
+    hidden = hidden.clone()
+    for r, steering in steered:
+        hidden[r : r + 1] = steering.apply(layer, hidden[r : r + 1], firsts[r])
+    return hidden
+
+
+def _features(
+    backend: TorchBackend, rows: list[TorchSequence], firsts: list[int]
+) -> list[StepFeatures]:
+    """Every hooked layer's SAE encode and top-k once for the whole batch; one host copy per kind."""
+    k = backend._top_k
+    per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    watched: dict[tuple[int, int], np.ndarray] = {}  # (row, layer) -> [1, watched]
+    for layer, sae in backend._saes.items():
+        residual = backend._take(layer)[:, -1]  # [B, d]: each row's one new position
+        acts = sae.encode(residual)
+        for r, seq in enumerate(rows):
+            if seq.steering is None:
+                continue
+            acts[r : r + 1] = seq.steering.pin(layer, acts[r : r + 1], firsts[r])
+            w = seq.steering.watched(layer)
+            if w is not None:
+                watched[r, layer] = acts[r : r + 1, w].cpu().numpy()
+        values, indices = acts.topk(k, dim=-1)
+        per_layer[layer] = (indices, values)
+    if not per_layer:
+        return [{} for _ in rows]
+    layers = list(per_layer)
+    host_indices = torch.stack([per_layer[layer][0] for layer in layers]).cpu().numpy()  # [L, B, k]
+    host_values = torch.stack([per_layer[layer][1].float() for layer in layers]).cpu().numpy()
+    return [
+        {
+            layer: LayerTopK(
+                host_indices[i, r : r + 1], host_values[i, r : r + 1], watched.get((r, layer))
+            )
+            for i, layer in enumerate(layers)
+        }
+        for r in range(len(rows))
+    ]
+
+
+@torch.inference_mode()
+def sample(backend: TorchBackend, seq: TorchSequence, allowed: np.ndarray | None = None) -> int:
+    """The backend's own sampling, on ``seq``'s logits and generator."""
+    saved = backend._seq
+    backend._seq = seq
+    try:
+        return backend.sample(allowed)
+    finally:
+        backend._seq = saved
