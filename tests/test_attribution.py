@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 from dataclasses import replace
@@ -144,3 +145,134 @@ def test_circuits_map_cli_writes_the_product(tmp_path):
               "--sae-local-path", str(tmp_path / "L{layer}" / "gemma_scope" / "params.npz")],
     )  # fmt: skip
     assert bad.exit_code != 0 and "before to_layer" in bad.output
+
+
+# --- per-token attribution on torch ----------------------------------------------------------------
+
+requires_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="needs neuroscope[torch]"
+)
+PROMPT = "The capital of France is Paris. Paris is a city on the Seine, known for art and food."
+
+
+@pytest.fixture(scope="module")
+def torch_session(tiny_model, tiny_sae):
+    from neuroscope.session import Session
+
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=[1, 3],
+        backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        yield s
+
+
+def _reference(session, text, layer, position):
+    """Independent of neuroscope_torch.attribution: transformers' own hidden states and attention
+    weights (output_attentions), values from a hook on v_proj, the numpy formulas of the norms."""
+    import torch
+
+    model = session.backend.model
+    ids = torch.tensor([session.tokenizer.encode_text(text)])
+    values, handles = {}, []
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        handles.append(
+            block.self_attn.v_proj.register_forward_hook(
+                lambda m, a, o, i=i: values.__setitem__(i, o[0].double().numpy())
+            )
+        )
+    # transformers' last hidden state has the final norm applied: the last block's own output
+    # comes from a hook on it.
+    last = {}
+    handles.append(
+        layers[-1].register_forward_hook(
+            lambda m, a, o: last.__setitem__(0, (o[0] if isinstance(o, tuple) else o)[0])
+        )
+    )
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = [h[0].double().numpy() for h in out.hidden_states]
+    hidden[-1] = last[0].double().numpy()
+    attentions = [a[0].double().numpy() for a in out.attentions]
+    return model, hidden, attentions, values
+
+
+@requires_torch
+@pytest.mark.parametrize(("layer", "feature_rank"), [(1, 0), (3, 0), (3, 2)])
+def test_torch_attribution_is_exact_on_the_tiny_gemma2(torch_session, layer, feature_rank):
+    s = torch_session
+    ids = s.tokenizer.encode_text(PROMPT)
+    position = len(ids) - 3  # past the sliding window (8): windowed layers see part of the text
+    record = next(r for r in s.trace(PROMPT) if r.position == position and r.layer == layer)
+    feature = record.top_features[feature_rank].index
+    att = s.attribute(PROMPT, layer, feature, position)
+
+    # Terms sum to the total (float64 sums of float32 parts).
+    assert att.residual_error <= 1e-4 * max(1.0, abs(att.total))
+    # The total is the pre-activation from transformers' hidden states.
+    model, hidden, attentions, values = _reference(s, PROMPT, layer, position)
+    sae = s.saes[layer]
+    pre = hidden[layer + 1][position] @ sae.W_enc[:, feature] + sae.b_enc[feature]
+    assert att.total == pytest.approx(pre, rel=1e-4, abs=1e-5)
+    # And the feature fired as the records say.
+    assert att.activation == pytest.approx(record.top_features[feature_rank].activation, rel=1e-4)
+
+    # The attention split per source: A[h, p, s] v_h[s] through o_proj and the frozen
+    # post-attention norm, in numpy.
+    w = sae.W_enc[:, feature].astype(np.float64)
+    cfg = model.config
+    heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    for i in range(layer + 1):
+        block = model.model.layers[i]
+        W_O = block.self_attn.o_proj.weight.detach().double().numpy()  # [d, H * hd]
+        v = values[i].reshape(len(ids), kv, hd)
+        per_source = np.zeros((len(ids), W_O.shape[0]))
+        for h in range(heads):
+            contrib = attentions[i][h, position, :, None] * v[:, h // (heads // kv)]  # [T, hd]
+            per_source += contrib @ W_O[:, h * hd : (h + 1) * hd].T
+        raw = per_source.sum(0)  # o_proj's output at the position
+        norm = block.post_attention_layernorm
+        gain = (1.0 + norm.weight.detach().double().numpy()) / np.sqrt(np.mean(raw**2) + norm.eps)
+        expected = (per_source * gain) @ w
+        got = np.array([t.value for t in att.terms if t.component == "attn" and t.layer == i])
+        assert not expected[position + 1 :].any()  # causal: nothing from later tokens
+        np.testing.assert_allclose(
+            got, expected[: position + 1], rtol=1e-4, atol=1e-6 * np.abs(expected).max()
+        )
+        # Nothing after the position: causal.
+        assert all(t.source_position <= position for t in att.terms if t.component == "attn")
+    # The embedding term: hidden_states[0] (scaled by sqrt(d)) at the position.
+    embed = [t.value for t in att.terms if t.component == "embed"]
+    assert embed == [pytest.approx(hidden[0][position] @ w, rel=1e-4)]
+    # Grouping helpers partition the same total.
+    assert sum(att.by_component().values()) == pytest.approx(sum(t.value for t in att.terms))
+    assert sum(att.by_layer().values()) == pytest.approx(sum(t.value for t in att.terms))
+    src = att.by_source()
+    assert set(src) <= set(range(position + 1)) and len(src) == position + 1
+
+
+@requires_torch
+def test_attribution_bad_input(torch_session):
+    s = torch_session
+    n = len(s.tokenizer.encode_text(PROMPT))
+    with pytest.raises(ConfigError, match="outside SAE"):
+        s.attribute(PROMPT, 1, 128, 3)
+    with pytest.raises(ConfigError, match="outside the text"):
+        s.attribute(PROMPT, 1, 0, n)
+    with pytest.raises(ConfigError, match="no SAE"):
+        s.attribute(PROMPT, 2, 0, 3)
+
+
+@requires_torch
+def test_session_feature_map_uses_both_layers_saes(torch_session):
+    s = torch_session
+    m = s.feature_map(1, 3, feature=7, top=4)
+    full = s.saes[1].W_dec[7].astype(np.float64) @ s.saes[3].W_enc
+    assert [e.target for e in m.entries] == np.argsort(-np.abs(full))[:4].tolist()
+    assert m.entries[0].target_label == f"feature_{m.entries[0].target}"
+    with pytest.raises(ConfigError, match="no SAE"):
+        s.feature_map(0, 3, feature=1)
