@@ -415,8 +415,127 @@ def session_attribute(
     )
 
 
+# --- the features API (POST /v1/features/attribute) ------------------------------------------------
+
+MAX_REQUEST_CHARS = 20_000
+MAX_REQUEST_TOKENS = 1_024
+
+
+class AttributionRequestError(ConfigError):
+    """A bad attribution request; ``param`` names the field (a 400 on the API)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _whole(body: dict[str, Any], name: str, default: Any = ...) -> int:
+    value = body.get(name, default)
+    if value is ...:
+        raise AttributionRequestError(f"{name} is required (a whole number).", name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise AttributionRequestError(f"{name} must be a whole number, got {value!r}.", name)
+    return value
+
+
+def parse_attribute_request(raw: bytes) -> dict[str, Any]:
+    """The fields of ``POST /v1/features/attribute``, type-checked: ``text`` (raw text, as
+    ``trace`` takes it), ``layer``, ``feature``, ``position`` (default: the last token), ``top``
+    (terms listed, default 20)."""
+    if len(raw) > 8 * MAX_REQUEST_CHARS + 4096:
+        raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", "text")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise AttributionRequestError(f"The body is not JSON: {e}.", "text") from None
+    if not isinstance(body, dict):
+        raise AttributionRequestError("The body must be a JSON object.", "text")
+    if "request_id" in body and "text" not in body:
+        raise AttributionRequestError(
+            "Attributing a stored request by request_id is not supported yet; send its text "
+            "(prompt and reply as one string) with the position.",
+            "request_id",
+        )
+    text = body.get("text")
+    if not isinstance(text, str) or not text:
+        raise AttributionRequestError("text must be a non-empty string.", "text")
+    if len(text) > MAX_REQUEST_CHARS:
+        raise AttributionRequestError(
+            f"The text is {len(text)} characters; an attribution takes at most "
+            f"{MAX_REQUEST_CHARS}.",
+            "text",
+        )
+    args: dict[str, Any] = {
+        "text": text,
+        "layer": _whole(body, "layer"),
+        "feature": _whole(body, "feature"),
+        "position": _whole(body, "position", None) if body.get("position") is not None else None,
+        "top": _whole(body, "top", 20),
+    }
+    if args["top"] < 1:
+        raise AttributionRequestError("top must be at least 1.", "top")
+    return args
+
+
+def attribution_json(
+    session: Any, text: str, layer: int, feature: int, position: int | None, top: int = 20
+) -> dict[str, Any]:
+    """The answer of ``POST /v1/features/attribute``: the total, the activation, the groups by
+    component, block and source token, and the ``top`` largest terms. Bad input raises
+    ``AttributionRequestError`` naming the field."""
+    if layer not in session.saes:
+        raise AttributionRequestError(
+            f"layer {layer} has no SAE on this server (hooked layers: {session.layers}).", "layer"
+        )
+    width = session.saes[layer].width
+    if not 0 <= feature < width:
+        raise AttributionRequestError(
+            f"feature must be a feature of the SAE at layer {layer} (0 to {width - 1}), got "
+            f"{feature}.",
+            "feature",
+        )
+    ids = session.tokenizer.encode_text(text)
+    if len(ids) > MAX_REQUEST_TOKENS:
+        raise AttributionRequestError(
+            f"The text is {len(ids)} tokens; an attribution takes at most {MAX_REQUEST_TOKENS}.",
+            "text",
+        )
+    if position is None:
+        position = len(ids) - 1
+    if not 0 <= position < len(ids):
+        raise AttributionRequestError(
+            f"position {position} is outside the text, which has {len(ids)} tokens (0 to "
+            f"{len(ids) - 1}).",
+            "position",
+        )
+    try:
+        att = session_attribute(session, ids, layer, feature, position)
+    except ConfigError as e:  # e.g. an SAE on another site than the residual stream
+        raise AttributionRequestError(str(e), "layer") from None
+    return {
+        "layer": att.layer,
+        "feature": att.feature,
+        "label": att.label,
+        "position": att.position,
+        "token": att.token,
+        "tokens": att.tokens,
+        "total": att.total,
+        "activation": att.activation,
+        "residual_error": att.residual_error,
+        "by_component": att.by_component(),
+        "by_layer": [{"layer": layer_, "value": v} for layer_, v in att.by_layer().items()],
+        "by_source": [
+            {"position": pos, "token": att.tokens[pos], "value": v}
+            for pos, v in sorted(att.by_source().items())
+        ],
+        "terms": [asdict(t) for t in att.top_terms(top)],
+        "term_count": len(att.terms),
+    }
+
+
 __all__ = [
     "Attribution",
+    "AttributionRequestError",
     "FeatureMap",
     "Linearized",
     "MapEntry",

@@ -313,3 +313,76 @@ def test_session_feature_map_uses_both_layers_saes(torch_session):
     assert m.entries[0].target_label == f"feature_{m.entries[0].target}"
     with pytest.raises(ConfigError, match="no SAE"):
         s.feature_map(0, 3, feature=1)
+
+
+# --- POST /v1/features/attribute -------------------------------------------------------------------
+
+KEY = "sk-attribute-test-7d1e"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tiny_sae):
+    pytest.importorskip("torch")
+    from serve_support import start_server
+
+    server = start_server(
+        tiny_model, tiny_sae["npz"], session={"layer": 2, "dtype": "float32"}, api_key=KEY
+    )
+    yield server
+    server.stop()
+
+
+def _post(server, body, key=KEY):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = server.listening.features_url + "/v1/features/attribute"
+    return httpx.post(url, json=body, headers=headers, timeout=60)
+
+
+@requires_torch
+def test_server_attribute_needs_the_key_and_matches_the_session(server, tiny_model, tiny_sae):
+    body = {"text": PROMPT, "layer": 2, "feature": 5, "position": 7, "top": 6}
+    r = _post(server, body, key=None)
+    assert r.status_code == 401 and KEY not in r.text
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    # The same tiny model and SAE in this process.
+    from neuroscope.session import Session
+
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=2, backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        local = s.attribute(PROMPT, 2, 5, 7)
+    assert got["total"] == pytest.approx(local.total, rel=1e-6)
+    assert got["token"] == local.token and got["tokens"] == local.tokens
+    assert len(got["terms"]) == 6 and got["term_count"] == len(local.terms)
+    assert [t["value"] for t in got["terms"]] == pytest.approx(
+        [t.value for t in local.top_terms(6)], rel=1e-6
+    )
+    assert sum(got["by_component"].values()) == pytest.approx(local.total, rel=1e-4)
+    assert [x["position"] for x in got["by_source"]] == list(range(8))
+    # Default position: the last token.
+    r = _post(server, {"text": PROMPT, "layer": 2, "feature": 5})
+    assert r.status_code == 200 and r.json()["position"] == len(local.tokens) - 1
+
+
+@requires_torch
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"text": PROMPT, "layer": 2, "feature": 128}, "feature"),
+        ({"text": PROMPT, "layer": 2, "feature": -1}, "feature"),
+        ({"text": PROMPT, "layer": 1, "feature": 0}, "layer"),
+        ({"text": PROMPT, "layer": 2, "feature": 0, "position": 500}, "position"),
+        ({"text": PROMPT, "layer": "2", "feature": 0}, "layer"),
+        ({"layer": 2, "feature": 0}, "text"),
+        ({"request_id": "chatcmpl-x", "layer": 2, "feature": 0}, "request_id"),
+        ({"text": PROMPT, "layer": 2, "feature": 0, "top": 0}, "top"),
+    ],
+)
+def test_server_attribute_bad_input_is_400_naming_the_field(server, body, param):
+    r = _post(server, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

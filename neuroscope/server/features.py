@@ -22,6 +22,11 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
 from neuroscope.anomaly import AnomalyEvent
+from neuroscope.attribution import (
+    AttributionRequestError,
+    attribution_json,
+    parse_attribute_request,
+)
 from neuroscope.capture import MAX_REQUEST_CHARS, CaptureRequestError, capture_json
 from neuroscope.engine import Engine
 from neuroscope.hub import Dropped, Hub, HubEvent, Published, Subscription
@@ -259,6 +264,16 @@ def create_features_app(
         except CaptureRequestError as e:
             raise APIError(400, str(e), param=e.param) from None
 
+    @post("/v1/features/attribute", status_code=200)
+    async def attribute(request: Request) -> dict[str, Any]:
+        """Why a feature fired at one token: its pre-activation split exactly into the
+        embedding, each block's attention per source token, MLPs and biases (docs/why.md)."""
+        try:
+            args = parse_attribute_request(await request.body())
+            return await engine.call(lambda session: attribution_json(session, **args))
+        except AttributionRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
     @get("/health", opt=OPEN)
     async def health() -> Response:
         if engine.closing:
@@ -271,6 +286,7 @@ def create_features_app(
             labels,
             feature_info,
             capture,
+            attribute,
             health,
             *page_routes(
                 engine,
