@@ -233,6 +233,13 @@ def generate(
         sampling=sampling, stop=stop, report_bos=report_bos, should_stop=should_stop,
         steering=steering, constraint=constraint,
     )  # fmt: skip
+    return drive_alone(backend, steps)
+
+
+def drive_alone(
+    backend: Backend, steps: Generator[Event | DecodeStep, StepFeatures | None, None]
+) -> Iterator[Event]:
+    """The events of a request's loop, its decodes done one at a time by ``backend.decode``."""
     try:
         item = next(steps)
         while True:

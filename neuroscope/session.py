@@ -10,12 +10,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from neuroscope.attribution import Attribution, Direction, FeatureMap
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
+from neuroscope.batching import BatchScheduler
 from neuroscope.capture import Capture
 from neuroscope.chat import ChatTokenizer, Message
 from neuroscope.errors import ConfigError
@@ -27,7 +29,8 @@ from neuroscope.generation import (
     Labels,
     RecordBuilder,
     TextDelta,
-    generate,
+    drive_alone,
+    generation_steps,
     prompt_records,
 )
 from neuroscope.grammar import Grammar, compile_response_format, parse_response_format
@@ -274,24 +277,29 @@ class Session:
         should_stop: Any = None,
         steering: SteeringPlan | None = None,
         response_format: Grammar | None = None,
+        batch: BatchScheduler | None = None,
     ) -> Iterator[Event]:
         """The raw event stream of one request (text, records, monitor events, completion), for
         servers. ``steering`` must have been checked against this session (``steering_target``);
-        ``response_format`` is compiled by ``self.grammar`` (structured output)."""
+        ``response_format`` is compiled by ``self.grammar`` (structured output). With ``batch``
+        the request decodes together with that scheduler's others (``neuroscope.batching``)."""
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
         if not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
         max_tokens = self.check_length(prompt_ids, max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return generate(
-            self.backend, self.tokenizer, self.builder, prompt_ids,
-            request_id=request_id or new_request_id(), max_tokens=max_tokens,
+        loop = partial(
+            generation_steps, tokenizer=self.tokenizer, builder=self.builder,
+            prompt_ids=prompt_ids, request_id=request_id or new_request_id(), max_tokens=max_tokens,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             stop=stops, report_bos=self.report_bos, should_stop=should_stop or (lambda: False),
             steering=self._compile(steering, len(prompt_ids)),
             constraint=response_format.start() if response_format is not None else None,
         )  # fmt: skip
+        if batch is not None:
+            return batch.submit(loop)
+        return drive_alone(self.backend, loop(self.backend))
 
     def grammar(self, response_format: Any) -> Grammar | None:
         """OpenAI's ``response_format`` (a dict: json_object or json_schema) compiled against this
@@ -370,6 +378,41 @@ class Session:
         )  # fmt: skip
         return Generation(events, phase=phase)
 
+    def generate_many(
+        self,
+        prompts: Sequence[str | Sequence[Message]],
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        phase: str = "all",
+        steering: Sequence[Any] | SteeringPlan | None = None,
+        monitors: Sequence[Any] | None = None,
+        positions: str = "all",
+        max_batch: int = 8,
+    ) -> list[Generation]:
+        """Generate replies to several prompts together (continuous batching): at most
+        ``max_batch`` decode in one step, the others join as those finish. Each result is what
+        ``generate`` gives for its prompt alone (greedy: the same tokens and records; sampling: the
+        same ``seed`` gives each the same draw as alone). Iterate or ``run()`` them in any order:
+        reading one advances all of them. Options apply to every prompt as in ``generate``.
+
+        Backends that cannot batch (MLX so far) run the prompts one after another, in order.
+        """
+        if phase not in ("all", "prompt", "generation"):
+            raise ConfigError(f"phase must be 'all', 'prompt' or 'generation', got {phase!r}.")
+        plan = self.steering_plan(steering, monitors, positions)
+        batch = BatchScheduler(self.backend, max_batch)
+        results = []
+        for prompt in prompts:
+            events = self.events(
+                self.encode(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                seed=seed, stop=stop, steering=plan, batch=batch,
+            )  # fmt: skip
+            results.append(Generation(events, phase=phase))
+        return results
+
     def trace(
         self,
         text: str,
@@ -405,16 +448,19 @@ class Session:
         attention: bool = False,
         features: bool = True,
         generate: int = 0,
+        lens_top: int = 5,
     ) -> Capture:
         """Every layer of one text at once (an "fMRI"): block outputs, their norms and cosines,
         a logit lens, attention patterns if asked and the SAE records (see neuroscope.capture,
         docs/fmri.md). A string is raw text as in ``trace``; messages get the chat template;
-        ``generate`` greedy tokens are added first. ``Capture.save(folder)`` writes it out."""
+        ``generate`` greedy tokens are added first; ``lens_top`` logit-lens tokens per layer and
+        position (0: no lens, whose unembedding is most of the cost on large vocabularies).
+        ``Capture.save(folder)`` writes it out."""
         from neuroscope.capture import capture
 
         return capture(
             self, text_or_messages, layers, residual=residual, attention=attention,
-            features=features, generate=generate,
+            features=features, generate=generate, lens_top=lens_top,
         )  # fmt: skip
 
     def feature_map(

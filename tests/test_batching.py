@@ -1,0 +1,209 @@
+"""Continuous batching (neuroscope.batching, torch): every request's reply, records and monitor
+events under batching equal the same request served alone (greedy and seeded sampling, float32),
+with prompts of different lengths (longer and shorter than the tiny Gemma 2's sliding window of 8),
+one joining mid-way and one cancelled mid-way; a steered request steers only itself."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+from conftest import LONG_PROMPT, TINY_LAYER, requires_torch
+
+from neuroscope import Session
+from neuroscope.backend import SamplingParams
+from neuroscope.batching import BatchScheduler
+from neuroscope.generation import TextDelta
+from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.sae import load_local
+from neuroscope.steering import MonitorEvent
+
+pytestmark = requires_torch
+
+PROMPTS = ["Hi", LONG_PROMPT, "What is the capital of France?", "Why is the sky blue?"]
+STEER = [{"layer": TINY_LAYER, "feature": 3, "strength": 30.0}]
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model, tiny_sae):
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=TINY_LAYER,
+        backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        yield s
+
+
+def anon(record: TokenFeatures) -> TokenFeatures:
+    return msgspec.structs.replace(record, request_id="")
+
+
+def split(events):
+    """(text, records without request ids, monitor events, finish reason)."""
+    text, records, monitors, finish = "", [], [], None
+    for e in events:
+        if isinstance(e, TextDelta):
+            text += e.text
+        elif isinstance(e, TokenFeatures):
+            records.append(anon(e))
+        elif isinstance(e, MonitorEvent):  # activations are compared in the records
+            monitors.append((e.position, e.token, e.layer, e.feature, e.action))
+        elif isinstance(e, GenerationComplete):
+            finish = e.finish_reason
+    return text, records, monitors, finish
+
+
+def assert_same_records(batched, alone):
+    """Same positions, tokens and features; activations within 1e-3 relative."""
+    assert len(batched) == len(alone)
+    worst = 0.0
+    for b, a in zip(batched, alone, strict=True):
+        assert (b.position, b.phase, b.token_id, b.token, b.next_token) == (
+            a.position, a.phase, a.token_id, a.token, a.next_token,
+        )  # fmt: skip
+        assert [f.index for f in b.top_features] == [f.index for f in a.top_features]
+        acts_b = np.array([f.activation for f in b.top_features])
+        acts_a = np.array([f.activation for f in a.top_features])
+        np.testing.assert_allclose(acts_b, acts_a, rtol=1e-3, atol=1e-6)
+        if len(acts_a):
+            worst = max(worst, float(np.max(np.abs(acts_b - acts_a) / np.abs(acts_a))))
+    return worst
+
+
+def alone(session, prompt, **kw):
+    return split(session.events(session.encode(prompt), **kw))
+
+
+def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae) -> None:
+    """The torch backend itself: two hooked layers, prompts of 5, 23 and 14 tokens (window 8),
+    the third joining at step 4, the second leaving at step 7."""
+    from neuroscope_torch import TorchBackend
+
+    b = TorchBackend.load(tiny_model, dtype="float32")
+    sae = load_local(tiny_sae["npz"])
+    b.set_saes({1: sae, 3: sae}, top_k=8)
+    greedy = SamplingParams(temperature=0)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 500, n).tolist() for n in (5, 23, 14)]
+    steps = 12
+
+    def serve_alone(p):
+        feats = [b.prefill(p, greedy)]
+        tokens = [b.sample()]
+        for _ in range(steps):
+            feats.append(b.decode(tokens[-1]))
+            tokens.append(b.sample())
+        return tokens, feats
+
+    ref = [serve_alone(p) for p in prompts]
+    state: dict[int, dict] = {}
+
+    def begin(i):
+        seq, f = b.start(prompts[i], greedy)
+        state[i] = {"seq": seq, "tokens": [b.sample_sequence(seq)], "feats": [f]}
+
+    begin(0)
+    begin(1)
+    widths = []
+    for step in range(steps + 4):
+        if step == 4:
+            begin(2)
+        if step == 7:
+            del state[1]
+        active = [i for i in state if len(state[i]["tokens"]) <= steps]
+        if not active:
+            break
+        widths.append(len(active))
+        out = b.decode_batch(
+            [state[i]["seq"] for i in active], [state[i]["tokens"][-1] for i in active]
+        )
+        for i, f in zip(active, out, strict=True):
+            state[i]["feats"].append(f)
+            state[i]["tokens"].append(b.sample_sequence(state[i]["seq"]))
+    assert max(widths) == 3 and 1 in widths
+    worst = 0.0
+    for i, s in state.items():
+        tokens, feats = ref[i]
+        assert s["tokens"] == tokens[: len(s["tokens"])]
+        assert len(s["tokens"]) == steps + 1
+        for a, c in zip(feats, s["feats"], strict=False):
+            for layer in (1, 3):
+                np.testing.assert_array_equal(c[layer].indices, a[layer].indices)
+                np.testing.assert_allclose(c[layer].activations, a[layer].activations, rtol=1e-4)
+                rel = np.abs(c[layer].activations - a[layer].activations) / np.abs(
+                    a[layer].activations
+                )
+                worst = max(worst, float(rel.max()))
+    print(f"\nbatched vs alone, worst relative activation difference: {worst:.1e}")
+
+
+def test_generate_many_equals_generate_alone(session) -> None:
+    want = [session.generate(p, max_tokens=10, temperature=0.0).run() for p in PROMPTS]
+    got = session.generate_many(PROMPTS, max_tokens=10, temperature=0.0, max_batch=3)
+    for g in reversed(got):  # read in any order: each read advances all of them
+        g.run()
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        assert (g.text, g.finish_reason, g.completion_tokens) == (w.text, w.finish_reason, 10)
+        worst = max(worst, assert_same_records(
+            [anon(r) for r in g.records], [anon(r) for r in w.records]
+        ))  # fmt: skip
+    assert len({g.records[0].request_id for g in got}) == len(PROMPTS)
+    print(f"\ngenerate_many vs generate: worst relative activation difference {worst:.1e}")
+
+
+def test_join_midway_cancel_midway_steer_and_seed_stay_per_request(session) -> None:
+    """Four requests in one scheduler (room for 3): a plain greedy one, a steered one with a
+    monitor, a seeded sampled one that joins when the first finishes, and one cancelled after
+    the batch's fifth step; each equals itself served alone."""
+    kw = {"max_tokens": 12, "temperature": 0.0}
+    # a monitor that fires mid-reply: the top feature of the steered reply's fourth token
+    reply = session.generate(PROMPTS[1], steering=STEER, **kw).run()
+    fourth = [r for r in reply.records if r.phase == "generation"][3].top_features[0]
+    monitor = {"layer": TINY_LAYER, "feature": fourth.index, "above": fourth.activation / 2}
+    plan = session.steering_plan(STEER, [monitor], "all")
+    sampled = {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+    want_steered = alone(session, PROMPTS[1], steering=plan, **kw)
+    want_unsteered = alone(session, PROMPTS[1], **kw)
+    want_sampled = alone(session, PROMPTS[2], **sampled)
+    want_cancelled = alone(session, PROMPTS[3], **kw)
+    assert want_steered[0] != want_unsteered[0], "the steering must change this reply"
+
+    batch = BatchScheduler(session.backend, max_batch=3)
+    plain = session.events(session.encode(PROMPTS[0]), batch=batch, **{**kw, "max_tokens": 4})
+    steered = session.events(session.encode(PROMPTS[1]), batch=batch, steering=plan, **kw)
+    cancelled = session.events(
+        session.encode(PROMPTS[3]), batch=batch, should_stop=lambda: batch.steps_run >= 5, **kw
+    )
+    late = session.events(session.encode(PROMPTS[2]), batch=batch, **sampled)  # waits for room
+    got_plain = split(plain)
+    assert batch.widest == 3 and batch.steps_run == 4
+    got_sampled, got_cancelled, got_steered = split(late), split(cancelled), split(steered)
+
+    short_plain = alone(session, PROMPTS[0], **{**kw, "max_tokens": 4})
+    assert got_plain[0] == short_plain[0] and got_plain[3] == "length"
+    assert_same_records(got_plain[1], short_plain[1])
+    assert got_steered[0] == want_steered[0] and got_steered[2] == want_steered[2]
+    assert got_steered[2], "the monitor fires in this reply"
+    assert_same_records(got_steered[1], want_steered[1])
+    assert got_sampled[0] == want_sampled[0]
+    assert_same_records(got_sampled[1], want_sampled[1])
+    assert got_cancelled[3] == "cancelled"
+    assert 0 < len(got_cancelled[1]) < len(want_cancelled[1])
+    assert want_cancelled[0].startswith(got_cancelled[0])
+    assert_same_records(got_cancelled[1], want_cancelled[1][: len(got_cancelled[1])])
+    assert batch.idle
+
+
+def test_an_abandoned_request_leaves_the_batch(session) -> None:
+    batch = BatchScheduler(session.backend, max_batch=2)
+    kw = {"max_tokens": 8, "temperature": 0.0}
+    a = session.events(session.encode(PROMPTS[0]), batch=batch, **kw)
+    b = session.events(session.encode(PROMPTS[2]), batch=batch, **kw)
+    for i, _ in enumerate(a):
+        if i == 10:
+            break
+    a.close()  # type: ignore[attr-defined]
+    got, want = split(b), alone(session, PROMPTS[2], **kw)
+    assert got[0] == want[0]
+    assert_same_records(got[1], want[1])
+    assert batch.idle
