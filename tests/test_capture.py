@@ -367,3 +367,11 @@ def test_server_capture_refuses_texts_over_the_token_limit(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "text"
     assert "1024 tokens" in r.json()["error"]["message"]
     assert _post(server, {"text": "Hello"}).status_code == 200  # the engine is still serving
+
+
+def test_without_lens_the_capture_still_saves_and_loads(session, tmp_path):
+    c = session.capture("Paris is big.", layers=[0, 3], lens_top=0, features=False)
+    assert c.lens_ids.shape == (2, len(c), 0) and c.lens_tokens == [[[]] * len(c)] * 2
+    back = Capture.load(c.save(tmp_path / "nolens"))
+    assert back.lens_ids.shape == (2, len(c), 0) and back.features == []
+    assert back.norms.tobytes() == c.norms.tobytes()

@@ -63,6 +63,14 @@ def capture(
     generate: Annotated[
         int, typer.Option("--generate", help="Greedy tokens to generate first and capture too.")
     ] = 0,
+    lens_top: Annotated[
+        int,
+        typer.Option(
+            "--lens-top",
+            help="Logit-lens guesses per layer and token; 0: no lens (the costly part on a large "
+            "vocabulary).",
+        ),
+    ] = 5,
     images: Annotated[
         bool,
         typer.Option(
@@ -135,7 +143,7 @@ def capture(
             say(f"Capturing {session.model_name} ({session.backend.info.num_layers} layers)...")
             result = session.capture(
                 prompt, chosen, residual=residual, attention=attention, features=features,
-                generate=generate,
+                generate=generate, lens_top=lens_top,
             )  # fmt: skip
             folder = result.save(output)
             typer.echo(f"Wrote {folder} ({len(result)} tokens x {len(result.layers)} layers)")
