@@ -110,6 +110,46 @@ class OneAtATime:
         return self.backend.sample(allowed)
 
 
+class BatchedEvents(Iterator[Event]):
+    """One request's events. Iterating pulls: it runs scheduler steps until the request has an
+    event (the others' events wait in their own buffers). A driver that steps the scheduler itself
+    (the engine's worker) takes what is ready with ``drain`` instead."""
+
+    def __init__(self, scheduler: BatchScheduler, request: _Request):
+        self._scheduler, self._request = scheduler, request
+
+    def __next__(self) -> Event:
+        request = self._request
+        while not request.events:
+            if request.error is not None:
+                self.close()
+                raise request.error
+            if request.done:
+                self.close()
+                raise StopIteration
+            self._scheduler.step()
+        return request.events.popleft()
+
+    def drain(self) -> list[Event]:
+        """The events ready now, without stepping; raises the request's error after its last."""
+        request = self._request
+        events = list(request.events)
+        request.events.clear()
+        if not events and request.error is not None:
+            self.close()
+            raise request.error
+        return events
+
+    @property
+    def finished(self) -> bool:
+        """Ended (completed, failed or closed) and every event taken."""
+        return self._request.done and not self._request.events and self._request.error is None
+
+    def close(self) -> None:
+        """Leave the batch now (a reader that gives up cancels its request)."""
+        self._scheduler._drop(self._request)
+
+
 @dataclass(eq=False)
 class _Request:
     make: Callable[[SequenceModel], Steps]
@@ -138,29 +178,16 @@ class BatchScheduler:
         self.steps_run = 0  # batched decode steps, for tests and benchmarks
         self.widest = 0  # the most sequences one step decoded
 
-    def submit(self, make: Callable[[SequenceModel], Steps]) -> Iterator[Event]:
+    def submit(self, make: Callable[[SequenceModel], Steps]) -> BatchedEvents:
         """Queue a request whose loop ``make(model)`` builds (``generation_steps`` on ``model``);
-        iterate the result for its events. Closing that iterator early cancels the request."""
+        iterate the result for its events. Closing it early cancels the request."""
         request = _Request(make, BatchedSequence(self.backend))
         self.waiting.append(request)
-        return self._pull(request)
+        return BatchedEvents(self, request)
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
-
-    def _pull(self, request: _Request) -> Iterator[Event]:
-        try:
-            while True:
-                while request.events:
-                    yield request.events.popleft()
-                if request.error is not None:
-                    raise request.error
-                if request.done:
-                    return
-                self.step()
-        finally:
-            self._drop(request)
 
     def _drop(self, request: _Request) -> None:
         """Forget a request (finished, failed or abandoned by its reader)."""

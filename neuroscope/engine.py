@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from neuroscope.anomaly import DEFAULT_ANOMALY_Z, anomalies
+from neuroscope.batching import can_batch
 from neuroscope.errors import ConfigError, NeuroscopeError
 from neuroscope.generation import Event, TextDelta
 from neuroscope.hub import Hub, LoopBatcher
@@ -30,6 +31,7 @@ from neuroscope.records import GenerationComplete, TokenFeatures
 from neuroscope.steering import SAE_HINT_CLI, MonitorEvent, SteeringPlan, SteeringTarget
 
 if TYPE_CHECKING:
+    from neuroscope.batching import BatchedEvents, BatchScheduler
     from neuroscope.feature_info import FeatureInfo
     from neuroscope.grammar import Grammar
     from neuroscope.session import Session
@@ -238,9 +240,15 @@ class Engine:
         *,
         max_model_len: int | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_batch: int = 1,
     ):
         if max_model_len is not None and max_model_len < 2:
             raise ConfigError(f"--max-model-len must be at least 2 tokens, got {max_model_len}.")
+        if max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {max_batch}.")
+        # Requests decoding together (neuroscope.batching); 1 runs them one at a time as before.
+        self.max_batch = max_batch
+        self.widest_batch = 0  # the most requests one decode step served (tests, benchmarks)
         self.hub = hub or Hub()
         self.max_pending = max_pending
         self._load_session = load_session
@@ -454,6 +462,15 @@ class Engine:
             self._loaded.set()
             return
         self._loaded.set()
+        # A backend that cannot batch keeps the loop below: there a worker call never runs in
+        # the middle of a generation, which would replace its one sequence.
+        if self.max_batch > 1 and can_batch(session.backend):
+            try:
+                self._run_batched(session)
+            finally:
+                self._session = None
+                session.close()
+            return
         try:
             while True:
                 handle = self._jobs.get()
@@ -486,32 +503,106 @@ class Engine:
                 response_format=req.response_format,
             )  # fmt: skip
             for event in events:
-                if isinstance(event, TextDelta):
-                    handle._put(event)
-                    continue
-                self.hub.publish(event)
-                if isinstance(event, TokenFeatures):
-                    for anomaly in anomalies(event, self.anomaly_z):  # calibrated filters only
-                        self.hub.publish(anomaly)
-                    if event.phase == "generation" and event.layer == first_layer:
-                        handle.tokens_done += 1
-                    if handle.records:
-                        handle._put(event)
-                elif isinstance(event, MonitorEvent):
-                    handle._put(event)
-                else:
-                    self._release(handle)  # its id is free before its client hears it is done
-                    handle._put(event)
+                self._dispatch(handle, event, first_layer)
         except Exception as e:
-            if not isinstance(e, ConfigError):
-                log.exception("Request %s failed", req.request_id)
-                e = RequestFailed(f"The generation failed: {type(e).__name__}: {e}")
-            done = GenerationComplete(
-                req.request_id, "error", len(req.prompt_ids), handle.tokens_done
-            )
-            self.hub.publish(done)
-            self._release(handle)
-            handle._put(_Failure(e))
+            self._fail(handle, e)
+
+    def _dispatch(self, handle: RequestHandle, event: Event, first_layer: int) -> None:
+        """One event of a request to its client and the hub."""
+        if isinstance(event, TextDelta):
+            handle._put(event)
+            return
+        self.hub.publish(event)
+        if isinstance(event, TokenFeatures):
+            for anomaly in anomalies(event, self.anomaly_z):  # calibrated filters only
+                self.hub.publish(anomaly)
+            if event.phase == "generation" and event.layer == first_layer:
+                handle.tokens_done += 1
+            if handle.records:
+                handle._put(event)
+        elif isinstance(event, MonitorEvent):
+            handle._put(event)
+        else:
+            self._release(handle)  # its id is free before its client hears it is done
+            handle._put(event)
+
+    def _fail(self, handle: RequestHandle, e: Exception) -> None:
+        req = handle.request
+        if not isinstance(e, ConfigError):
+            log.exception("Request %s failed", req.request_id)
+            e = RequestFailed(f"The generation failed: {type(e).__name__}: {e}")
+        done = GenerationComplete(req.request_id, "error", len(req.prompt_ids), handle.tokens_done)
+        self.hub.publish(done)
+        self._release(handle)
+        handle._put(_Failure(e))
+
+    def _run_batched(self, session: Session) -> None:
+        """The worker with continuous batching: up to ``max_batch`` requests decode together
+        (``neuroscope.batching``), joining and leaving at every step; jobs that are not
+        generations (``Engine.call``) run between steps."""
+        from neuroscope.batching import BatchScheduler
+
+        batch = BatchScheduler(session.backend, self.max_batch)
+        first_layer = session.layers[0]
+        running: list[tuple[RequestHandle, BatchedEvents]] = []
+        while True:
+            # wait for work when there is none; otherwise take what has arrived, without waiting
+            jobs: list[RequestHandle | _Call | None] = []
+            try:
+                jobs.append(self._jobs.get(block=not running))
+                while True:
+                    jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                pass
+            for job in jobs:
+                if job is None:  # close(): the running requests were cancelled by cancel_all
+                    for handle, events in running:
+                        events.close()
+                        self._release(handle)
+                    return
+                if isinstance(job, _Call):
+                    self._run_call(session, job)
+                elif job.cancelled:
+                    req = job.request
+                    done = GenerationComplete(req.request_id, "cancelled", len(req.prompt_ids), 0)
+                    self._finish(job, done)
+                else:
+                    try:
+                        running.append((job, self._batched_events(session, batch, job)))
+                    except Exception as e:
+                        self._fail(job, e)
+            if not running:
+                continue
+            batch.step()
+            self.widest_batch = batch.widest
+            still = []
+            for handle, events in running:
+                try:
+                    for event in events.drain():
+                        self._dispatch(handle, event, first_layer)
+                except Exception as e:
+                    self._fail(handle, e)
+                    continue
+                if events.finished:
+                    self._release(handle)
+                else:
+                    still.append((handle, events))
+            running = still
+
+    def _batched_events(
+        self, session: Session, batch: BatchScheduler, handle: RequestHandle
+    ) -> BatchedEvents:
+        from neuroscope.batching import BatchedEvents
+
+        req = handle.request
+        events = session.events(
+            req.prompt_ids, request_id=req.request_id, max_tokens=req.max_tokens,
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+            stop=list(req.stop), should_stop=handle._stop.is_set, steering=req.steering,
+            response_format=req.response_format, batch=batch,
+        )  # fmt: skip
+        assert isinstance(events, BatchedEvents)
+        return events
 
     def _finish(self, handle: RequestHandle, done: GenerationComplete) -> None:
         self.hub.publish(done)

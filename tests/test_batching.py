@@ -202,7 +202,7 @@ def test_an_abandoned_request_leaves_the_batch(session) -> None:
     for i, _ in enumerate(a):
         if i == 10:
             break
-    a.close()  # type: ignore[attr-defined]
+    a.close()  # type: ignore[attr-defined]  # Session.events types it as an Iterator
     got, want = split(b), alone(session, PROMPTS[2], **kw)
     assert got[0] == want[0]
     assert_same_records(got[1], want[1])

@@ -106,6 +106,16 @@ def serve(
             "--max-model-len", help="Context in tokens (prompt + reply). Default: the model's."
         ),
     ] = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            help="Requests that decode together, one forward pass per token for all of them "
+            "(continuous batching, torch; MLX runs one at a time); more wait in the queue. "
+            "Default 1: one at a time.",
+        ),
+    ] = 1,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(
@@ -164,7 +174,7 @@ def serve(
             model = "the demo (SmolLM2-135M-Instruct)"
         config = ServeConfig(
             host=host, port=port, features_port=features_port, api_key=api_key or None,
-            max_model_len=max_model_len, header_timeout_s=header_timeout,
+            max_model_len=max_model_len, max_batch=max_batch, header_timeout_s=header_timeout,
             max_connections=max_connections, served_model_name=served_model_name or None,
             cors_origins=tuple(cors_origin or _env_origins()),
         )  # fmt: skip

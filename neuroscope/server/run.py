@@ -43,6 +43,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()  # --cors-origin: other sites' pages that may read both ports
     served_model_name: str | None = None  # default: a model file's stem, else --model as given
     max_model_len: int | None = None
+    max_batch: int = 1  # requests decoding together (continuous batching); 1: one at a time
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE
     replay_events: int = DEFAULT_REPLAY  # hub-wide ring for clients resuming with Last-Event-ID
@@ -221,6 +222,7 @@ def serve(
         load_session,
         Hub(config.subscriber_queue, config.replay_events),
         max_model_len=config.max_model_len,
+        max_batch=config.max_batch,
     )
     try:
         info = engine.start()
@@ -277,6 +279,7 @@ class BackgroundServer:
             self._load_session,
             Hub(self.config.subscriber_queue, self.config.replay_events),
             max_model_len=self.config.max_model_len,
+            max_batch=self.config.max_batch,
         )
         try:
             engine.start(timeout)
