@@ -354,6 +354,139 @@ def build_attribution(
     )  # fmt: skip
 
 
+# --- patching ----------------------------------------------------------------------------------------
+
+
+def encode_numpy(sae: SAE, x: np.ndarray) -> np.ndarray:
+    """Feature activations [T, width] of residuals [T, d] in float64, as the backends encode
+    (``neuroscope_torch.sae.TorchSAE.encode``); used to patch features between two runs."""
+    x = x.astype(np.float64)
+    if sae.input_norm == "rms":
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+    if sae.normalize == "constant_norm_rescale":
+        x = x * (np.sqrt(x.shape[-1]) / np.linalg.norm(x, axis=-1, keepdims=True))
+    elif sae.normalize == "layer_norm":
+        x = x - x.mean(-1, keepdims=True)
+        x = x / (x.std(-1, ddof=1, keepdims=True) + 1e-5)
+    if sae.apply_b_dec_to_input:
+        x = x - sae.b_dec
+    if sae.architecture == "gated":
+        proj = x @ sae.W_enc
+        gate = (proj + sae.b_enc) > 0
+        return gate * np.maximum(proj * sae.mag_scale + sae.b_mag, 0.0)
+    pre = x @ sae.W_enc + sae.b_enc
+    acts = np.maximum(pre, 0.0)
+    if sae.architecture == "jumprelu" and sae.threshold is not None:
+        return acts * (pre > sae.threshold)
+    if sae.architecture == "topk" and sae.k:
+        keep = np.argpartition(-acts, sae.k - 1, axis=-1)[:, : sae.k]
+        out = np.zeros_like(acts)
+        np.put_along_axis(out, keep, np.take_along_axis(acts, keep, -1), -1)
+        return out
+    return acts
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a patch is measured by, at the last position: the ``logit`` or ``prob`` of ``token``,
+    or with ``minus`` the logit difference ``token - minus``."""
+
+    token: int
+    kind: Literal["logit", "prob"] = "logit"
+    minus: int | None = None
+
+    def __call__(self, logits: np.ndarray) -> float:
+        last = logits[-1].astype(np.float64)
+        if self.minus is not None:
+            return float(last[self.token] - last[self.minus])
+        if self.kind == "prob":
+            e = np.exp(last - last.max())
+            return float(e[self.token] / e.sum())
+        return float(last[self.token])
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """The metric on the clean run, the corrupted run, and the corrupted run patched with the
+    clean run's residual (or features) at ``layer``; ``recovered``: the share of the clean-corrupted
+    gap the patch closes (None when there is no gap)."""
+
+    clean: float
+    corrupted: float
+    patched: float
+    layer: int
+    positions: list[int]
+    features: list[int] | None
+    patched_logits: np.ndarray = field(repr=False)
+
+    @property
+    def effect(self) -> float:
+        return self.patched - self.corrupted
+
+    @property
+    def recovered(self) -> float | None:
+        gap = self.clean - self.corrupted
+        return None if gap == 0 else self.effect / gap
+
+
+def session_patch(
+    session: Any,
+    clean: str,
+    corrupted: str,
+    layer: int,
+    metric: Metric,
+    features: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> PatchResult:
+    """``Session.patch``: run both texts, replace block ``layer``'s output in the corrupted run
+    with the clean run's (``features=None``) or only the chosen features' share of it (the
+    corrupted run keeps its SAE error and other features: residual + sum_f (a_clean - a_corr)
+    W_dec[f]) at ``positions`` (default: all), and measure ``metric`` at the last position."""
+    clean_ids = session.tokenizer.encode_text(clean)
+    corrupt_ids = session.tokenizer.encode_text(corrupted)
+    if len(clean_ids) != len(corrupt_ids):
+        raise ConfigError(
+            f"The clean text is {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}: "
+            "patching aligns positions, so both must have the same number of tokens."
+        )
+    T = len(clean_ids)
+    chosen = list(range(T)) if positions is None else [int(p) for p in positions]
+    bad = [p for p in chosen if not 0 <= p < T]
+    if bad:
+        raise ConfigError(f"position {bad[0]} is outside the texts (0 to {T - 1}).")
+    for token in (metric.token, metric.minus):
+        if token is not None and not 0 <= token < session.backend.info.vocab_size:
+            raise ConfigError(f"metric token {token} is outside the vocabulary.")
+    clean_res, clean_logits = session.backend.forward_reference(clean_ids, [layer])
+    corr_res, corr_logits = session.backend.forward_reference(corrupt_ids, [layer])
+    replacement = corr_res[layer].astype(np.float64).copy()
+    if features is None:
+        replacement[chosen] = clean_res[layer][chosen]
+    else:
+        if layer not in session.saes:
+            raise ConfigError(f"layer {layer} has no SAE in this session: no features to patch.")
+        sae: SAE = session.saes[layer]
+        if sae.W_dec is None or sae.site != "resid_post":
+            raise ConfigError(
+                f"The SAE at layer {layer} cannot write features back to the residual."
+            )
+        idx = [int(f) for f in features]
+        for f in idx:
+            _check_feature(sae, f, "feature")
+        delta = (
+            encode_numpy(sae, clean_res[layer])[:, idx] - encode_numpy(sae, corr_res[layer])[:, idx]
+        )
+        replacement[chosen] += delta[chosen] @ sae.W_dec[idx].astype(np.float64)
+    patched = session.backend.forward_patched(
+        corrupt_ids, layer, replacement.astype(np.float32), chosen
+    )
+    return PatchResult(
+        clean=metric(clean_logits), corrupted=metric(corr_logits), patched=metric(patched),
+        layer=layer, positions=chosen, features=None if features is None else list(features),
+        patched_logits=patched,
+    )  # fmt: skip
+
+
 # --- the session's side -----------------------------------------------------------------------------
 
 
@@ -539,6 +672,8 @@ __all__ = [
     "FeatureMap",
     "Linearized",
     "MapEntry",
+    "Metric",
+    "PatchResult",
     "ResidualSplit",
     "Term",
     "build_attribution",

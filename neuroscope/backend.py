@@ -215,6 +215,13 @@ class Backend(ABC):
         norm scales frozen at their observed values (``neuroscope.attribution``)."""
         raise ConfigError(f"The {self.name} backend cannot attribute features.")
 
+    def forward_patched(
+        self, token_ids: Sequence[int], layer: int, residual: np.ndarray, positions: Sequence[int]
+    ) -> np.ndarray:
+        """``forward_reference``'s logits [T, V] with block ``layer``'s output replaced by
+        ``residual`` [T, d] at ``positions`` (``Session.patch``)."""
+        raise ConfigError(f"The {self.name} backend cannot patch activations.")
+
     def peak_memory_mib(self) -> float | None:
         """Peak memory the device's allocator reports, in MiB; None where it reports none."""
         return None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from neuroscope.attribution import Attribution, Direction, FeatureMap
+from neuroscope.attribution import Attribution, Direction, FeatureMap, Metric, PatchResult
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.batching import BatchScheduler
 from neuroscope.capture import Capture
@@ -485,6 +485,23 @@ class Session:
         from neuroscope.attribution import session_attribute
 
         return session_attribute(self, self.tokenizer.encode_text(text), layer, feature, position)
+
+    def patch(
+        self,
+        clean: str,
+        corrupted: str,
+        layer: int,
+        metric: Metric,
+        features: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None,
+    ) -> PatchResult:
+        """Run ``clean`` and ``corrupted`` (raw texts of the same token length), replace block
+        ``layer``'s output in the corrupted run with the clean run's (or only ``features``' share
+        of it) at ``positions`` (default: all), and measure ``metric`` (``neuroscope.attribution.
+        Metric``: a token's logit or probability, or a logit difference) at the last position."""
+        from neuroscope.attribution import session_patch
+
+        return session_patch(self, clean, corrupted, layer, metric, features, positions)
 
     def set_labels(self, labels: Labels | LabelLookup | None) -> None:
         """Where feature labels come from: a ``neuroscope.labels.LabelResolver``, any

@@ -431,3 +431,98 @@ def test_server_attribute_bad_input_is_400_naming_the_field(server, body, param)
     r = _post(server, body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# --- patching ----------------------------------------------------------------------------------------
+
+CLEAN = "The capital of France is Paris. The capital of"
+CORRUPT = "The capital of Germany is Paris. The capital of"
+
+
+@pytest.fixture(params=["torch", pytest.param("mlx", marks=requires_mlx)])
+def any_session(request, torch_session, tiny_model, tiny_sae):
+    if request.param == "torch":
+        yield torch_session
+        return
+    yield request.getfixturevalue("mlx_session")
+
+
+@requires_torch
+def test_patching_the_whole_residual_reproduces_the_clean_run(any_session):
+    from neuroscope.attribution import Metric
+
+    s = any_session
+    clean_ids, corrupt_ids = (s.tokenizer.encode_text(t) for t in (CLEAN, CORRUPT))
+    assert len(clean_ids) == len(corrupt_ids) and clean_ids != corrupt_ids
+    first_diff = next(
+        i for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids, strict=True)) if a != b
+    )
+    _, clean_logits = s.backend.forward_reference(clean_ids, [1])
+    _, corrupt_logits = s.backend.forward_reference(corrupt_ids, [1])
+    target = int(np.argmax(clean_logits[-1]))
+    metric = Metric(token=target)
+    full = s.patch(CLEAN, CORRUPT, 1, metric)
+    np.testing.assert_array_equal(full.patched_logits, clean_logits)
+    assert full.recovered == pytest.approx(1.0)
+    assert full.clean == pytest.approx(float(clean_logits[-1, target]))
+    # Before the first differing token both runs are the same: patching there changes nothing.
+    same = s.patch(CLEAN, CORRUPT, 1, metric, positions=range(first_diff))
+    np.testing.assert_array_equal(same.patched_logits, corrupt_logits)
+    assert same.effect == 0.0
+    # Probabilities and logit differences.
+    other = int(np.argmax(corrupt_logits[-1]))
+    diff = s.patch(CLEAN, CORRUPT, 1, Metric(token=target, minus=other))
+    assert diff.patched == pytest.approx(clean_logits[-1, target] - clean_logits[-1, other])
+    prob = s.patch(CLEAN, CORRUPT, 1, Metric(token=target, kind="prob"))
+    e = np.exp(clean_logits[-1].astype(np.float64) - clean_logits[-1].max())
+    assert prob.patched == pytest.approx(e[target] / e.sum(), rel=1e-6)
+
+
+@requires_torch
+def test_patching_features_adds_their_decoder_difference(torch_session):
+    """Against a hook on transformers' own block: the corrupted residual plus
+    (a_clean - a_corrupt) W_dec for the chosen features at the chosen positions."""
+    import torch
+
+    from neuroscope.attribution import Metric, encode_numpy
+
+    s = torch_session
+    sae = s.saes[1]
+    ids = [s.tokenizer.encode_text(t) for t in (CLEAN, CORRUPT)]
+    res = [s.backend.forward_reference(i, [1])[0][1] for i in ids]
+    acts = [encode_numpy(sae, r) for r in res]
+    chosen = [int(f) for f in np.argsort(-np.abs(acts[0][-1] - acts[1][-1]))[:3]]
+    positions = [len(ids[0]) - 1, len(ids[0]) - 2]
+    got = s.patch(CLEAN, CORRUPT, 1, Metric(token=5), features=chosen, positions=positions)
+
+    model = _transformers_model(str(s.resolved.path))
+    delta = np.zeros_like(res[1], dtype=np.float64)
+    delta[positions] = (acts[0][positions][:, chosen] - acts[1][positions][:, chosen]) @ sae.W_dec[
+        chosen
+    ]
+    add = torch.from_numpy(delta.astype(np.float32))[None]
+    handle = model.model.layers[1].register_forward_hook(
+        lambda m, a, o: ((o[0] + add), *o[1:]) if isinstance(o, tuple) else o + add
+    )
+    try:
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids[1]])).logits[0].numpy()
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(got.patched_logits, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got.patched_logits - s.backend.forward_reference(ids[1], [1])[1]).max() > 1e-4
+
+
+@requires_torch
+def test_patching_bad_input(torch_session):
+    from neuroscope.attribution import Metric
+
+    s = torch_session
+    with pytest.raises(ConfigError, match="same number of tokens"):
+        s.patch(CLEAN, CORRUPT + " and more", 1, Metric(token=1))
+    with pytest.raises(ConfigError, match="outside the texts"):
+        s.patch(CLEAN, CORRUPT, 1, Metric(token=1), positions=[999])
+    with pytest.raises(ConfigError, match="outside SAE"):
+        s.patch(CLEAN, CORRUPT, 1, Metric(token=1), features=[128])
+    with pytest.raises(ConfigError, match="vocabulary"):
+        s.patch(CLEAN, CORRUPT, 1, Metric(token=10**6))

@@ -519,6 +519,27 @@ class MLXBackend(Backend):
         self._drop_ahead()  # the pass below wraps the blocks for a moment
         return attribute(self, ids, layer, position, direction_at)
 
+    def forward_patched(
+        self, token_ids: Sequence[int], layer: int, residual: np.ndarray, positions: Sequence[int]
+    ) -> np.ndarray:
+        ids = self._check_ids(token_ids)
+        self._check_layer(layer)
+        self._drop_ahead()  # the pass below edits the residual for a moment
+        hook = self._hooks[layer]
+        replacement = mx.array(np.asarray(residual))[None]
+        mask_np = np.zeros(len(ids), dtype=bool)
+        mask_np[list(positions)] = True
+        mask = mx.array(mask_np)[None, :, None]
+        before = hook.edit
+        hook.edit = lambda h: mx.where(mask, replacement.astype(h.dtype), h)
+        try:
+            logits = self.model(mx.array([ids]))[0].astype(mx.float32)
+            mx.eval(logits)
+            return np.array(logits)
+        finally:
+            hook.edit = before
+            self._update_capture()
+
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self._info.num_layers:
             raise ConfigError(

@@ -503,6 +503,24 @@ class TorchBackend(Backend):
             raise ConfigError(f"position {position} is outside the {len(ids)} tokens.")
         return attribute(self, ids, layer, position, direction_at)
 
+    @torch.inference_mode()
+    def forward_patched(
+        self, token_ids: Sequence[int], layer: int, residual: np.ndarray, positions: Sequence[int]
+    ) -> np.ndarray:
+        ids = self._check_ids(token_ids)
+        self._check_layer(layer)
+        hook = self._hook(layer)
+        replacement = torch.from_numpy(np.asarray(residual)).to(self._device, self.dtype)[None]
+        mask = torch.zeros(len(ids), dtype=torch.bool, device=self._device)
+        mask[list(positions)] = True
+        before = hook.edit
+        hook.edit = lambda h: torch.where(mask[None, :, None], replacement, h)
+        try:
+            tokens = torch.tensor([ids], device=self._device)
+            return self.model(input_ids=tokens, use_cache=False).logits[0].float().cpu().numpy()
+        finally:
+            hook.edit = before
+
     # -- checks -----------------------------------------------------------------------------------
 
     def _sequence(self, what: str) -> TorchSequence:
