@@ -1,0 +1,157 @@
+"""Load through the real server: concurrent streaming chats at several concurrency levels.
+
+Starts Neuroscope's server in this process (``BackgroundServer``: the same engine and HTTP servers
+as ``neuroscope serve``) with a random SAE of ``--width`` features at ``--layer``, once per
+``--max-batch`` value, and for each concurrency level sends that many streaming chats at once
+with the official ``openai`` client (greedy, ``--max-tokens`` each). Per level:
+
+- aggregate tok/s: all completion tokens / the level's wall time (first request sent to last done);
+- per-request tok/s: a request's completion tokens / its whole wall time (median);
+- time to first token (TTFT): median and worst, from sending to the first content chunk.
+
+    python -m benchmarks.load --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --layer 15 \\
+        --max-batch 1 --max-batch 8 --levels 1,2,4,8 --output load.json
+
+``--url`` measures a server that is already running instead (``--max-batch`` is then whatever it
+was started with). Figures are wall-clock: on a shared machine other work inflates them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What is the capital of France, and why is it famous?",
+    "List three uses of a paperclip.",
+    "Describe a cat to someone who has never seen one.",
+    "How do airplanes stay in the air?",
+    "Give me a recipe for pancakes.",
+    "What is a neural network?",
+]
+
+
+def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[str, Any]:
+    """``level`` concurrent streaming chats; their timings."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0, timeout=600)
+    barrier = threading.Barrier(level)
+    results: list[dict[str, float]] = [{} for _ in range(level)]
+
+    def chat(i: int) -> None:
+        barrier.wait()
+        sent = time.perf_counter()
+        first = None
+        stream = client.chat.completions.create(
+            model=model, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            max_tokens=max_tokens, temperature=0,
+        )  # fmt: skip
+        tokens = 0
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        done = time.perf_counter()
+        results[i] = {"sent": sent, "first": first or done, "done": done, "tokens": tokens}
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(level)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(r["done"] for r in results) - min(r["sent"] for r in results)
+    ttft = [r["first"] - r["sent"] for r in results]
+    per_request = [r["tokens"] / (r["done"] - r["sent"]) for r in results]
+    total = sum(int(r["tokens"]) for r in results)
+    return {
+        "concurrency": level,
+        "completion_tokens": total,
+        "wall_s": round(wall, 3),
+        "aggregate_tok_s": round(total / wall, 2),
+        "per_request_tok_s_median": round(statistics.median(per_request), 2),
+        "ttft_s_median": round(statistics.median(ttft), 3),
+        "ttft_s_worst": round(max(ttft), 3),
+    }
+
+
+def measure(base_url: str, model: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
+    run_level(base_url, model, 1, 4)  # warm-up: first-call costs out of the figures
+    rows = []
+    for level in levels:
+        row = run_level(base_url, model, level, max_tokens)
+        typer.echo(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def main(
+    model: Annotated[
+        str, typer.Option(help="Model folder or .gguf file (or its served name with --url).")
+    ],
+    layer: Annotated[int, typer.Option(help="Block whose output the random SAE reads.")] = 15,
+    width: Annotated[int, typer.Option(help="Features of the random SAE.")] = 16384,
+    max_batch: Annotated[
+        list[int] | None, typer.Option(help="--max-batch of the server; repeat to compare.")
+    ] = None,
+    levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,2,4,8",
+    max_tokens: Annotated[int, typer.Option(help="Completion tokens asked per request.")] = 32,
+    url: Annotated[str | None, typer.Option(help="Measure this running server instead.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
+) -> None:
+    """Print one JSON line per level; write them all to --output."""
+    wanted = [int(n) for n in levels.split(",") if n.strip()]
+    report: dict[str, Any] = {
+        "model": model,
+        "levels": wanted,
+        "max_tokens": max_tokens,
+        "runs": [],
+    }
+    if url is not None:
+        report["runs"].append({"url": url, "rows": measure(url, model, wanted, max_tokens)})
+    else:
+        from neuroscope import Session
+        from neuroscope.loading import resolve_model
+        from neuroscope.server.run import BackgroundServer, ServeConfig
+        from neuroscope.synthetic import build_random_sae
+
+        with tempfile.TemporaryDirectory() as tmp:
+            hidden = json.loads((resolve_model(model).path / "config.json").read_text())[
+                "hidden_size"
+            ]
+            sae = build_random_sae(tmp, d_model=hidden, width=width)
+            for batch in max_batch or [1]:
+
+                def load() -> Session:
+                    return Session(
+                        model=model, sae_local_path=str(sae["npz"]), layer=layer,
+                        backend="torch", dtype="float32",
+                    )  # fmt: skip
+
+                config = ServeConfig(port=0, features_port=0, max_batch=batch)
+                server = BackgroundServer(load, config).start(timeout=600)
+                try:
+                    assert server.listening is not None
+                    typer.echo(f"--max-batch {batch}")
+                    served = server.engine.info.model_name if server.engine else model
+                    rows = measure(server.listening.chat_url, served, wanted, max_tokens)
+                finally:
+                    server.stop()
+                report["runs"].append({"max_batch": batch, "width": width, "rows": rows})
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    typer.run(main)
