@@ -487,6 +487,78 @@ def session_patch(
     )  # fmt: skip
 
 
+# --- upstream features (gradient x activation) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamFeature:
+    """Feature ``feature`` of the earlier layer ``layer`` at ``position``: its ``activation`` times
+    the gradient of the later feature's pre-activation along its decoder direction (``value``)."""
+
+    layer: int
+    feature: int
+    position: int
+    activation: float
+    value: float
+    label: str = ""
+    token: str = ""
+
+
+def session_upstream(
+    session: Any,
+    text: str,
+    layer: int,
+    feature: int,
+    position: int,
+    from_layer: int,
+    top: int = 20,
+) -> list[UpstreamFeature]:
+    """``Session.upstream``: the ``from_layer`` SAE features (any position up to ``position``)
+    that most raised or lowered feature ``feature`` of ``layer`` at ``position``, by gradient x
+    activation: ``a_i(t) * (W_dec[i] . d pre / d x_from(t))``. One backward pass; the later SAE's
+    input scales are frozen at the observed residual (as in ``attribute``), the model's own norms
+    are differentiated. A first-order estimate, not an exact split (the SAE error and b_dec of
+    ``from_layer`` take the rest)."""
+    for which, L in (("layer", layer), ("from_layer", from_layer)):
+        if L not in session.saes:
+            raise ConfigError(f"{which} {L} has no SAE in this session (hooked: {session.layers}).")
+    if from_layer >= layer:
+        raise ConfigError(f"from_layer ({from_layer}) must be before layer ({layer}).")
+    sae, up = session.saes[layer], session.saes[from_layer]
+    _check_feature(sae, feature, "feature")
+    if up.W_dec is None or up.site != "resid_post":
+        raise ConfigError(f"The SAE at layer {from_layer} has no residual-stream decoder.")
+    ids = session.tokenizer.encode_text(text)
+    if not 0 <= position < len(ids):
+        raise ConfigError(
+            f"position {position} is outside the text, which has {len(ids)} tokens "
+            f"(0 to {len(ids) - 1})."
+        )
+
+    def direction_at(residual: np.ndarray) -> np.ndarray:
+        return linearize(sae, feature, residual).direction
+
+    x_from, grad = session.backend.upstream_gradient(ids, from_layer, layer, position, direction_at)
+    acts = encode_numpy(up, x_from[: position + 1])  # [P, width]
+    along = grad[: position + 1].astype(np.float64) @ up.W_dec.astype(np.float64).T  # [P, width]
+    scores = acts * along
+    best = _top(scores.ravel(), top)
+    width = up.width
+    return [
+        UpstreamFeature(
+            layer=from_layer,
+            feature=int(i % width),
+            position=int(i // width),
+            activation=float(acts.ravel()[i]),
+            value=float(scores.ravel()[i]),
+            label=session.builder.labels(from_layer, int(i % width)),
+            token=session.tokenizer.token_text(ids[int(i // width)]),
+        )  # fmt: skip
+        for i in best
+        if scores.ravel()[i] != 0
+    ]
+
+
 # --- the session's side -----------------------------------------------------------------------------
 
 
@@ -676,6 +748,7 @@ __all__ = [
     "PatchResult",
     "ResidualSplit",
     "Term",
+    "UpstreamFeature",
     "build_attribution",
     "feature_map",
     "linearize",

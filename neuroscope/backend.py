@@ -222,6 +222,19 @@ class Backend(ABC):
         ``residual`` [T, d] at ``positions`` (``Session.patch``)."""
         raise ConfigError(f"The {self.name} backend cannot patch activations.")
 
+    def upstream_gradient(
+        self,
+        token_ids: Sequence[int],
+        from_layer: int,
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``from_layer``'s output [T, d] and the gradient [T, d] of
+        ``block layer's output at position . direction_at(it)`` with respect to it (one backward
+        pass; ``Session.upstream``)."""
+        raise ConfigError(f"The {self.name} backend cannot take gradients of features.")
+
     def peak_memory_mib(self) -> float | None:
         """Peak memory the device's allocator reports, in MiB; None where it reports none."""
         return None

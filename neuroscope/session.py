@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from neuroscope.attribution import Attribution, Direction, FeatureMap, Metric, PatchResult
+from neuroscope.attribution import (
+    Attribution,
+    Direction,
+    FeatureMap,
+    Metric,
+    PatchResult,
+    UpstreamFeature,
+)
 from neuroscope.backend import Backend, SamplingParams, load_backend_class
 from neuroscope.batching import BatchScheduler
 from neuroscope.capture import Capture
@@ -485,6 +492,16 @@ class Session:
         from neuroscope.attribution import session_attribute
 
         return session_attribute(self, self.tokenizer.encode_text(text), layer, feature, position)
+
+    def upstream(
+        self, text: str, layer: int, feature: int, position: int, from_layer: int, top: int = 20
+    ) -> list[UpstreamFeature]:
+        """The SAE features of the earlier hooked layer ``from_layer`` that most raised or lowered
+        ``feature`` of ``layer`` at ``position``, by gradient x activation (one backward pass;
+        torch; docs/why.md)."""
+        from neuroscope.attribution import session_upstream
+
+        return session_upstream(self, text, layer, feature, position, from_layer, top)
 
     def patch(
         self,

@@ -526,3 +526,65 @@ def test_patching_bad_input(torch_session):
         s.patch(CLEAN, CORRUPT, 1, Metric(token=1), features=[128])
     with pytest.raises(ConfigError, match="vocabulary"):
         s.patch(CLEAN, CORRUPT, 1, Metric(token=10**6))
+
+
+# --- upstream features -------------------------------------------------------------------------------
+
+
+@requires_torch
+def test_upstream_features_are_gradient_times_activation(torch_session):
+    """Each score's gradient part against a finite difference through transformers' own model:
+    W_dec[i] added (times eps) to block 1's output at the source position moves the later
+    feature's (frozen-scale) pre-activation by eps * value / activation."""
+    import torch
+
+    from neuroscope.attribution import linearize
+
+    s = torch_session
+    ids = s.tokenizer.encode_text(PROMPT)
+    position = len(ids) - 2
+    record = next(r for r in s.trace(PROMPT) if r.position == position and r.layer == 3)
+    feature = record.top_features[0].index
+    ups = s.upstream(PROMPT, 3, feature, position, from_layer=1, top=5)
+    assert len(ups) == 5
+    assert [abs(u.value) for u in ups] == sorted((abs(u.value) for u in ups), reverse=True)
+    assert all(u.layer == 1 and 0 <= u.position <= position and u.activation > 0 for u in ups)
+    assert ups[0].token == s.tokenizer.token_text(ids[ups[0].position])
+
+    model = _transformers_model(str(s.resolved.path))
+    x3 = s.backend.forward_reference(ids, [3])[0][3][position]
+    direction = linearize(s.saes[3], feature, x3).direction
+    W_dec = s.saes[1].W_dec
+
+    def moved(u, eps):
+        add = torch.zeros(1, len(ids), W_dec.shape[1])
+        add[0, u.position] = torch.from_numpy(W_dec[u.feature]) * eps
+        out = {}
+        h1 = model.model.layers[1].register_forward_hook(
+            lambda m, a, o: (o[0] + add, *o[1:]) if isinstance(o, tuple) else o + add
+        )
+        h3 = model.model.layers[3].register_forward_hook(
+            lambda m, a, o: out.__setitem__(0, (o[0] if isinstance(o, tuple) else o)[0])
+        )
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        finally:
+            h1.remove(), h3.remove()
+        return float(out[0][position].double().numpy() @ direction)
+
+    for u in ups[:3]:
+        eps = 1e-2
+        slope = (moved(u, eps) - moved(u, -eps)) / (2 * eps)
+        assert u.value / u.activation == pytest.approx(slope, rel=2e-2, abs=1e-4)
+
+
+@requires_torch
+def test_upstream_bad_input(torch_session):
+    s = torch_session
+    with pytest.raises(ConfigError, match="before layer"):
+        s.upstream(PROMPT, 1, 0, 3, from_layer=3)
+    with pytest.raises(ConfigError, match="no SAE"):
+        s.upstream(PROMPT, 3, 0, 3, from_layer=0)
+    with pytest.raises(ConfigError, match="outside the text"):
+        s.upstream(PROMPT, 3, 0, 999, from_layer=1)

@@ -184,3 +184,47 @@ def attribute(
     return ResidualSplit(
         residual=residual.cpu().numpy(), embed=embed, attn=attn, mlp=mlp, bias=bias
     )
+
+
+def upstream_gradient(
+    backend: TorchBackend,
+    token_ids: list[int],
+    from_layer: int,
+    layer: int,
+    position: int,
+    direction_at: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``from_layer``'s output and the gradient of ``x_layer[position] . d`` with respect to
+    it: the output is swapped for a leaf that requires grad, one forward and one backward pass."""
+    model: Any = backend.model
+    blocks = backend._layers
+    kept: dict[str, torch.Tensor] = {}
+
+    def make_leaf(module: Any, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        leaf = hidden.detach().requires_grad_(True)
+        kept["leaf"] = leaf
+        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+    def keep_out(module: Any, args: Any, output: Any) -> None:
+        kept["out"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [
+        blocks[from_layer].register_forward_hook(make_leaf),
+        blocks[layer].register_forward_hook(keep_out),
+    ]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            tokens = torch.tensor([token_ids], device=backend._device)
+            model(input_ids=tokens, use_cache=False, logits_to_keep=1)
+            out = kept["out"][0, position]
+            d = np.asarray(direction_at(out.detach().float().cpu().numpy()), dtype=np.float32)
+            objective = out.float() @ torch.from_numpy(d).to(out.device)
+            (grad,) = torch.autograd.grad(objective, kept["leaf"])
+    finally:
+        for h in handles:
+            h.remove()
+    return (
+        kept["leaf"][0].detach().float().cpu().numpy(),
+        grad[0].float().cpu().numpy(),
+    )

@@ -521,6 +521,21 @@ class TorchBackend(Backend):
         finally:
             hook.edit = before
 
+    def upstream_gradient(
+        self,
+        token_ids: Sequence[int],
+        from_layer: int,
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from neuroscope_torch.attribution import upstream_gradient
+
+        ids = self._check_ids(token_ids)
+        self._check_layer(from_layer)
+        self._check_layer(layer)
+        return upstream_gradient(self, ids, from_layer, layer, position, direction_at)
+
     # -- checks -----------------------------------------------------------------------------------
 
     def _sequence(self, what: str) -> TorchSequence:
