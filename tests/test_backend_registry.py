@@ -47,7 +47,7 @@ def test_missing_extra_says_what_to_install(monkeypatch):
         monkeypatch,
         EntryPoint("mlx", "no_such_framework_xyz:Backend", backend_module.ENTRY_POINT_GROUP),
     )
-    with pytest.raises(BackendUnavailable, match=r"pip install 'neuroscope\[mlx\]'"):
+    with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[mlx\]'"):
         backend_module.load_backend_class("mlx")
 
 
