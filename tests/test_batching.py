@@ -207,3 +207,24 @@ def test_an_abandoned_request_leaves_the_batch(session) -> None:
     assert got[0] == want[0]
     assert_same_records(got[1], want[1])
     assert batch.idle
+
+
+def test_structured_output_and_sampling_stay_per_request_in_a_batch(session) -> None:
+    """A JSON-constrained request and a seeded sampled plain one decode together; each equals
+    itself alone (the constraint masks only its own row's sampling)."""
+    grammar = session.grammar({"type": "json_object"})
+    json_kw = {"max_tokens": 24, "temperature": 1.0, "seed": 3}
+    plain_kw = {"max_tokens": 16, "temperature": 1.0, "seed": 3}
+    want_json = alone(session, PROMPTS[2], response_format=grammar, **json_kw)
+    want_plain = alone(session, PROMPTS[2], **plain_kw)
+    batch = BatchScheduler(session.backend, max_batch=2)
+    constrained = session.events(
+        session.encode(PROMPTS[2]), batch=batch, response_format=grammar, **json_kw
+    )
+    plain = session.events(session.encode(PROMPTS[2]), batch=batch, **plain_kw)
+    got_json, got_plain = split(constrained), split(plain)
+    assert batch.widest == 2
+    assert got_json[0] == want_json[0] and got_json[0].startswith("{")
+    assert got_plain[0] == want_plain[0] and got_plain[0] != got_json[0]
+    assert_same_records(got_json[1], want_json[1])
+    assert_same_records(got_plain[1], want_plain[1])
