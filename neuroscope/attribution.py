@@ -487,6 +487,73 @@ def session_patch(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class AblationEffect:
+    """Feature ``feature`` of ``layer`` removed at ``position`` (its ``activation`` times its
+    decoder row subtracted from the residual, the steering issue's ablation): how the next-token
+    distribution at that position moved."""
+
+    feature: int
+    activation: float
+    label: str
+    kl: float  # KL(before || after), nats
+    top_token: int  # the most likely next token before
+    top_prob_before: float
+    top_prob_after: float
+    new_top_token: int  # the most likely next token after
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def session_ablation_effects(
+    session: Any, text: str, layer: int, position: int, top: int = 5
+) -> list[AblationEffect]:
+    """``Session.ablation_effects``: for the ``top`` strongest SAE features at ``position``, the
+    next-token distribution there with each ablated in turn (one forward pass per feature)."""
+    if layer not in session.saes:
+        raise ConfigError(f"layer {layer} has no SAE in this session (hooked: {session.layers}).")
+    sae: SAE = session.saes[layer]
+    if sae.W_dec is None or sae.site != "resid_post":
+        raise ConfigError(f"The SAE at layer {layer} cannot write features back to the residual.")
+    ids = session.tokenizer.encode_text(text)
+    if not 0 <= position < len(ids):
+        raise ConfigError(
+            f"position {position} is outside the text, which has {len(ids)} tokens "
+            f"(0 to {len(ids) - 1})."
+        )
+    residuals, logits = session.backend.forward_reference(ids, [layer])
+    residual = residuals[layer]
+    acts = encode_numpy(sae, residual[position : position + 1])[0]
+    before = _softmax(logits[position])
+    top_token = int(np.argmax(before))
+    out = []
+    for f in [int(i) for i in np.argsort(-acts)[:top] if acts[i] > 0]:
+        edited = residual.astype(np.float64).copy()
+        edited[position] -= acts[f] * sae.W_dec[f].astype(np.float64)
+        after_logits = session.backend.forward_patched(
+            ids, layer, edited.astype(np.float32), [position]
+        )
+        after = _softmax(after_logits[position])
+        kl = float(np.sum(before * (np.log(before + 1e-30) - np.log(after + 1e-30))))
+        out.append(
+            AblationEffect(
+                feature=f,
+                activation=float(acts[f]),
+                label=session.builder.labels(layer, f),
+                kl=kl,
+                top_token=top_token,
+                top_prob_before=float(before[top_token]),
+                top_prob_after=float(after[top_token]),
+                new_top_token=int(np.argmax(after)),
+            )  # fmt: skip
+        )
+    return out
+
+
 # --- upstream features (gradient x activation) ------------------------------------------------------
 
 
@@ -739,6 +806,7 @@ def attribution_json(
 
 
 __all__ = [
+    "AblationEffect",
     "Attribution",
     "AttributionRequestError",
     "FeatureMap",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from neuroscope.attribution import (
+    AblationEffect,
     Attribution,
     Direction,
     FeatureMap,
@@ -502,6 +503,16 @@ class Session:
         from neuroscope.attribution import session_upstream
 
         return session_upstream(self, text, layer, feature, position, from_layer, top)
+
+    def ablation_effects(
+        self, text: str, layer: int, position: int, top: int = 5
+    ) -> list[AblationEffect]:
+        """For the ``top`` strongest features of ``layer`` at ``position``: the next-token
+        distribution there with each one ablated (KL, the top token's probability before and
+        after); one forward pass per feature (docs/why.md)."""
+        from neuroscope.attribution import session_ablation_effects
+
+        return session_ablation_effects(self, text, layer, position, top)
 
     def patch(
         self,
