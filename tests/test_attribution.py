@@ -618,3 +618,16 @@ def test_ablation_effects_remove_each_feature_at_the_position(any_session):
         assert e.activation == pytest.approx(
             record.top_features[effects.index(e)].activation, rel=1e-4
         )
+
+
+@requires_torch
+@requires_mlx
+def test_upstream_on_mlx_equals_torch(torch_session, mlx_session):
+    ids = torch_session.tokenizer.encode_text(PROMPT)
+    position = len(ids) - 2
+    want = torch_session.upstream(PROMPT, 3, 7, position, from_layer=1, top=8)
+    got = mlx_session.upstream(PROMPT, 3, 7, position, from_layer=1, top=8)
+    assert [(u.feature, u.position) for u in got] == [(u.feature, u.position) for u in want]
+    np.testing.assert_allclose(
+        [u.value for u in got], [u.value for u in want], rtol=1e-3, atol=1e-6
+    )

@@ -145,3 +145,42 @@ def attribute(
         block_in, block_out = _host(seen[i][0][0, p]), _host(seen[i][1][0, p])
         mlp[i] = float((block_out - block_in - attn_add) @ d)
     return ResidualSplit(residual=residual, embed=embed, attn=attn, mlp=mlp, bias=bias)
+
+
+def upstream_gradient(
+    backend: MLXBackend,
+    token_ids: list[int],
+    from_layer: int,
+    layer: int,
+    position: int,
+    direction_at: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block ``from_layer``'s output and the gradient of ``x_layer[position] . d`` with respect to
+    it, by ``mx.grad`` of a pass whose hook at ``from_layer`` adds the differentiated zeros."""
+    residuals, _ = backend.forward_reference(token_ids, [from_layer, layer])
+    d = mx.array(np.asarray(direction_at(residuals[layer][position]), dtype=np.float32))
+    model: Any = backend.model
+    inner = model.model if "model" in model else model
+    hook_from, hook_to = backend._hooks[from_layer], backend._hooks[layer]
+    before = hook_from.edit
+    inputs = mx.array([token_ids])
+
+    def objective(delta: mx.array) -> mx.array:
+        hook_from.edit = (
+            (lambda h: before(h) + delta.astype(h.dtype))
+            if before is not None
+            else (lambda h: h + delta.astype(h.dtype))
+        )
+        hook_to.capture = True
+        inner(inputs)
+        out = hook_to.take()
+        return (out[0, position].astype(mx.float32) * d).sum()
+
+    try:
+        zeros = mx.zeros((1, len(token_ids), residuals[from_layer].shape[-1]), dtype=mx.float32)
+        grad = mx.grad(objective)(zeros)
+        mx.eval(grad)
+    finally:
+        hook_from.edit = before
+        backend._update_capture()
+    return residuals[from_layer], np.array(grad[0].astype(mx.float32))

@@ -519,6 +519,22 @@ class MLXBackend(Backend):
         self._drop_ahead()  # the pass below wraps the blocks for a moment
         return attribute(self, ids, layer, position, direction_at)
 
+    def upstream_gradient(
+        self,
+        token_ids: Sequence[int],
+        from_layer: int,
+        layer: int,
+        position: int,
+        direction_at: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from neuroscope_mlx.attribution import upstream_gradient
+
+        ids = self._check_ids(token_ids)
+        self._check_layer(from_layer)
+        self._check_layer(layer)
+        self._drop_ahead()  # the passes below edit the residual for a moment
+        return upstream_gradient(self, ids, from_layer, layer, position, direction_at)
+
     def forward_patched(
         self, token_ids: Sequence[int], layer: int, residual: np.ndarray, positions: Sequence[int]
     ) -> np.ndarray:
