@@ -29,6 +29,7 @@ import torch
 from benchmarks.common import Contender, PeerRun, steps
 from neuroscope.bench import set_instrumented
 from neuroscope.sae import SAE
+from neuroscope_torch.backend import cache_keyword
 
 
 def saelens_sae(sae: SAE) -> Any:
@@ -161,8 +162,8 @@ def transformers_contenders(
             step_ids = ids
             for _ in range(tokens):
                 out = model(
-                    input_ids=step_ids, past_key_values=cache, use_cache=True,
-                    output_hidden_states=True,
+                    input_ids=step_ids, use_cache=True, output_hidden_states=True,
+                    **{cache_keyword(model): cache},
                 )  # fmt: skip
                 indices, _ = _top_k_to_host(sae.encode(out.hidden_states[layer + 1][0]), top_k)
                 positions += len(indices)

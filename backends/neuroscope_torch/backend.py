@@ -105,7 +105,7 @@ def _to_host(
     return out
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword the model's forward takes its KV cache by: ``cache`` since transformers
     renamed ``past_key_values`` (which it warns about, then removes in 5.40)."""
     params = inspect.signature(model.forward).parameters
@@ -143,7 +143,7 @@ class TorchBackend(Backend):
             max_position_embeddings=max_len,
         )
         self._layers = _decoder_layers(self.model, text_config.num_hidden_layers)
-        self._cache_arg = _cache_argument(model)
+        self._cache_arg = cache_keyword(model)
         self._hooks: dict[int, ResidualHook] = {}
         self._site_hooks: dict[tuple[int, str], SiteHook] = {}  # SAEs reading inside a block
         self._sites: dict[int, str] = {}  # layer -> the site its SAE reads
