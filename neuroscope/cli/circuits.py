@@ -53,7 +53,7 @@ def map_command(
     sae_local_path: options.SaeLocalPath = None,
     sae_norm_scaling_factor: options.SaeNormScalingFactor = None,
 ) -> None:
-    """The virtual weights W_dec[from] @ W_enc[to]: how much one unit of a feature written into
+    """The virtual weights W_dec(from) @ W_enc(to): how much one unit of a feature written into
     the residual stream at --from-layer moves each --to-layer feature's pre-activation (sign kept:
     excite > 0, inhibit < 0). Give the SAEs with '{layer}' in --sae-path or --sae-local-path."""
     from neuroscope.attribution import feature_map
