@@ -712,8 +712,8 @@ def _whole(body: dict[str, Any], name: str, default: Any = ...) -> int:
 
 def parse_attribute_request(raw: bytes) -> dict[str, Any]:
     """The fields of ``POST /v1/features/attribute``, type-checked: ``text`` (raw text, as
-    ``trace`` takes it), ``layer``, ``feature``, ``position`` (default: the last token), ``top``
-    (terms listed, default 20)."""
+    ``trace`` takes it) or ``request_id`` (one of the server's last requests), ``layer``,
+    ``feature``, ``position`` (default: the last token), ``top`` (terms listed, default 20)."""
     if len(raw) > 8 * MAX_REQUEST_CHARS + 4096:
         raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", "text")
     try:
@@ -722,12 +722,23 @@ def parse_attribute_request(raw: bytes) -> dict[str, Any]:
         raise AttributionRequestError(f"The body is not JSON: {e}.", "text") from None
     if not isinstance(body, dict):
         raise AttributionRequestError("The body must be a JSON object.", "text")
-    if "request_id" in body and "text" not in body:
-        raise AttributionRequestError(
-            "Attributing a stored request by request_id is not supported yet; send its text "
-            "(prompt and reply as one string) with the position.",
-            "request_id",
-        )
+    request_id = body.get("request_id")
+    if request_id is not None and "text" in body:
+        raise AttributionRequestError("Give text or request_id, not both.", "request_id")
+    if request_id is not None:
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+            raise AttributionRequestError(
+                "request_id must be the id of one of this server's requests (a string).",
+                "request_id",
+            )
+        return {
+            "text": None,
+            "request_id": request_id,
+            "layer": _whole(body, "layer"),
+            "feature": _whole(body, "feature"),
+            "position": _whole(body, "position"),
+            "top": _top_field(body),
+        }
     text = body.get("text")
     if not isinstance(text, str) or not text:
         raise AttributionRequestError("text must be a non-empty string.", "text")
@@ -742,19 +753,31 @@ def parse_attribute_request(raw: bytes) -> dict[str, Any]:
         "layer": _whole(body, "layer"),
         "feature": _whole(body, "feature"),
         "position": _whole(body, "position", None) if body.get("position") is not None else None,
-        "top": _whole(body, "top", 20),
+        "top": _top_field(body),
     }
-    if args["top"] < 1:
-        raise AttributionRequestError("top must be at least 1.", "top")
     return args
 
 
+def _top_field(body: dict[str, Any]) -> int:
+    top = _whole(body, "top", 20)
+    if top < 1:
+        raise AttributionRequestError("top must be at least 1.", "top")
+    return top
+
+
 def attribution_json(
-    session: Any, text: str, layer: int, feature: int, position: int | None, top: int = 20
+    session: Any,
+    text: str | None,
+    layer: int,
+    feature: int,
+    position: int | None,
+    top: int = 20,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     """The answer of ``POST /v1/features/attribute``: the total, the activation, the groups by
-    component, block and source token, and the ``top`` largest terms. Bad input raises
-    ``AttributionRequestError`` naming the field."""
+    component, block and source token, and the ``top`` largest terms. ``request_id`` instead of
+    ``text``: the tokens of one of the session's last requests (``session.requests``). Bad input
+    raises ``AttributionRequestError`` naming the field."""
     if layer not in session.saes:
         raise AttributionRequestError(
             f"layer {layer} has no SAE on this server (hooked layers: {session.layers}).", "layer"
@@ -766,7 +789,15 @@ def attribution_json(
             f"{feature}.",
             "feature",
         )
-    ids = session.tokenizer.encode_text(text)
+    if request_id is not None:
+        try:
+            ids = session.requests.ids(request_id, position)
+        except ConfigError as e:
+            raise AttributionRequestError(
+                str(e), "position" if request_id in session.requests else "request_id"
+            ) from None
+    else:
+        ids = session.tokenizer.encode_text(text or "")
     if len(ids) > MAX_REQUEST_TOKENS:
         raise AttributionRequestError(
             f"The text is {len(ids)} tokens; an attribution takes at most {MAX_REQUEST_TOKENS}.",

@@ -514,6 +514,8 @@ class Engine:
             return
         self.hub.publish(event)
         if isinstance(event, TokenFeatures):
+            if self._session is not None:  # its tokens, for attribution by request_id later
+                self._session.requests.observe(event)
             for anomaly in anomalies(event, self.anomaly_z):  # calibrated filters only
                 self.hub.publish(anomaly)
             if event.phase == "generation" and event.layer == first_layer:

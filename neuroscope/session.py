@@ -50,6 +50,7 @@ from neuroscope.loading import (
     resolve_model,
 )
 from neuroscope.records import GenerationComplete, TokenFeatures
+from neuroscope.remembered import RememberedRequests
 from neuroscope.sae import (
     DEFAULT_SAE_REPO,
     SAE,
@@ -234,6 +235,9 @@ class Session:
         self.set_labels(labels)
         self.set_feature_filter(feature_filter)
         self.report_bos = report_bos
+        # The token ids of the last requests, so a record can be explained later
+        # (attribute(record, feature); a server's engine feeds it the records it dispatches).
+        self.requests = RememberedRequests()
 
     @classmethod
     def demo(cls, **overrides: Any) -> Session:
@@ -297,9 +301,11 @@ class Session:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
         max_tokens = self.check_length(prompt_ids, max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        request_id = request_id or new_request_id()
+        self.requests.start(request_id, prompt_ids)
         loop = partial(
             generation_steps, tokenizer=self.tokenizer, builder=self.builder,
-            prompt_ids=prompt_ids, request_id=request_id or new_request_id(), max_tokens=max_tokens,
+            prompt_ids=prompt_ids, request_id=request_id, max_tokens=max_tokens,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
             stop=stops, report_bos=self.report_bos, should_stop=should_stop or (lambda: False),
             steering=self._compile(steering, len(prompt_ids)),
@@ -384,7 +390,7 @@ class Session:
             ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             steering=plan, response_format=grammar,
         )  # fmt: skip
-        return Generation(events, phase=phase)
+        return Generation(self.requests.watch(events), phase=phase)
 
     def generate_many(
         self,
@@ -436,11 +442,13 @@ class Session:
         features = self.backend.prefill(
             ids, SamplingParams(temperature=0.0), self._compile(plan, len(ids))
         )
+        request_id = request_id or new_request_id()
+        self.requests.start(request_id, ids)
         return list(
             prompt_records(
                 self.builder,
                 self.tokenizer,
-                request_id or new_request_id(),
+                request_id,
                 ids,
                 features,
                 None,
@@ -486,12 +494,31 @@ class Session:
 
         return session_feature_map(self, from_layer, to_layer, feature, top, direction)
 
-    def attribute(self, text: str, layer: int, feature: int, position: int) -> Attribution:
+    def attribute(
+        self,
+        text: str | TokenFeatures,
+        layer: int | None = None,
+        feature: int | None = None,
+        position: int | None = None,
+    ) -> Attribution:
         """Why ``feature`` of ``layer`` fired at ``position`` of ``text`` (tokenized as ``trace``
         does, BOS at 0): its pre-activation split exactly into the embedding, each block's
-        attention per source token, each block's MLP and the biases (docs/why.md)."""
+        attention per source token, each block's MLP and the biases (docs/why.md).
+
+        ``attribute(record, feature)``: the same for a record of one of this session's last
+        requests (``generate`` or ``trace``; its request id, position and layer); a
+        ``RequestForgotten`` error when the request is no longer remembered."""
         from neuroscope.attribution import session_attribute
 
+        if isinstance(text, TokenFeatures):
+            record = text
+            which = feature if feature is not None else layer
+            if which is None:
+                raise ConfigError("attribute(record, feature): name the feature to explain.")
+            ids = self.requests.ids(record.request_id, record.position)
+            return session_attribute(self, ids, record.layer, which, record.position)
+        if layer is None or feature is None or position is None:
+            raise ConfigError("attribute(text, layer, feature, position): all four are needed.")
         return session_attribute(self, self.tokenizer.encode_text(text), layer, feature, position)
 
     def upstream(

@@ -8,6 +8,7 @@ import io
 import json
 from dataclasses import replace
 
+import msgspec
 import numpy as np
 import pytest
 from gguf_models import smollm2_gguf
@@ -360,6 +361,43 @@ def test_session_feature_map_uses_both_layers_saes(torch_session):
         s.feature_map(0, 3, feature=1)
 
 
+@requires_torch
+def test_attribute_a_record_equals_attributing_its_tokens(torch_session):
+    """attribute(record, feature) finds the record's tokens by its request id: the same split as
+    attributing those token ids, for a prompt record (trace) and a generated one (generate)."""
+    from neuroscope.attribution import session_attribute
+    from neuroscope.remembered import RequestForgotten
+
+    s = torch_session
+    records = s.trace(PROMPT)
+    record = next(r for r in records if r.layer == 3 and r.position == 6)
+    got = s.attribute(record, 7)
+    want = s.attribute(PROMPT, 3, 7, 6)
+    assert got.total == want.total and got.tokens == want.tokens
+    assert [t.value for t in got.terms] == [t.value for t in want.terms]
+
+    gen = s.generate(PROMPT, max_tokens=4, temperature=0.0)
+    recs = list(gen)
+    prompt_ids = s.encode(PROMPT)
+    generated = [r for r in recs if r.phase == "generation" and r.layer == 1]
+    assert generated, "the tiny model generated nothing"
+    last = generated[-1]
+    ids = prompt_ids + [r.token_id for r in sorted(generated, key=lambda r: r.position)]
+    assert last.position == len(ids) - 1
+    got = s.attribute(last, 11)
+    want = session_attribute(s, ids, 1, 11, last.position)
+    assert got.total == pytest.approx(want.total, rel=1e-9, abs=1e-9)
+    assert got.tokens == want.tokens
+
+    with pytest.raises(RequestForgotten, match="not remembered"):
+        s.attribute(msgspec.structs.replace(record, request_id="no-such-request"), 7)
+    # Bounded: the oldest requests are forgotten.
+    for _ in range(s.requests.capacity):
+        s.trace("Hello")
+    with pytest.raises(RequestForgotten, match="attribute its text"):
+        s.attribute(record, 7)
+
+
 # --- POST /v1/features/attribute -------------------------------------------------------------------
 
 KEY = "sk-attribute-test-7d1e"
@@ -414,6 +452,41 @@ def test_server_attribute_needs_the_key_and_matches_the_session(server, tiny_mod
 
 
 @requires_torch
+def test_server_attributes_a_request_by_its_id(server, tiny_model, tiny_sae):
+    """A chat request, then POST /v1/features/attribute with its id and a generated position:
+    the same split as a local session's attribute(record, feature) for the same greedy reply."""
+    import httpx
+
+    from neuroscope.session import Session
+
+    chat = httpx.post(
+        server.listening.chat_url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert chat.status_code == 200, chat.text
+    request_id = chat.json()["id"]
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=2, backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        records = [r for r in s.generate(PROMPT, max_tokens=4, temperature=0.0) if r.layer == 2]
+        record = max(records, key=lambda r: r.position)
+        assert record.phase == "generation"
+        local = s.attribute(record, 5)
+    body = {"request_id": request_id, "layer": 2, "feature": 5, "position": record.position}
+    r = _post(server, body, key=None)
+    assert r.status_code == 401
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["position"] == record.position and got["tokens"] == local.tokens
+    assert got["total"] == pytest.approx(local.total, rel=1e-6)
+    r = _post(server, {**body, "position": record.position + 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "position"
+
+
+@requires_torch
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -423,7 +496,10 @@ def test_server_attribute_needs_the_key_and_matches_the_session(server, tiny_mod
         ({"text": PROMPT, "layer": 2, "feature": 0, "position": 500}, "position"),
         ({"text": PROMPT, "layer": "2", "feature": 0}, "layer"),
         ({"layer": 2, "feature": 0}, "text"),
-        ({"request_id": "chatcmpl-x", "layer": 2, "feature": 0}, "request_id"),
+        ({"request_id": "chatcmpl-x", "layer": 2, "feature": 0, "position": 1}, "request_id"),
+        ({"request_id": "chatcmpl-x", "text": PROMPT, "layer": 2, "feature": 0}, "request_id"),
+        ({"request_id": 7, "layer": 2, "feature": 0, "position": 1}, "request_id"),
+        ({"request_id": "chatcmpl-x", "layer": 2, "feature": 0}, "position"),
         ({"text": PROMPT, "layer": 2, "feature": 0, "top": 0}, "top"),
     ],
 )
