@@ -187,6 +187,39 @@ def test_the_feature_panel_shows_label_source_calibration_and_examples(page, ser
     assert page.console.errors == []
 
 
+def test_clicking_a_feature_on_a_token_shows_why_it_fired(page, server) -> None:
+    """The why panel asks POST /v1/features/attribute for the clicked record (its request id,
+    position, layer, feature) and shows the total, the groups and the top source tokens."""
+    open_page(page, server.listening.features_url)
+    chat_from_page(page)
+    row = page.locator("#strip .tok:not(.prompt) .feat").first
+    chip = page.locator("#strip .tok:not(.prompt)").first
+    request_id = chip.get_attribute("data-request-id")
+    position = int(chip.get_attribute("data-position"))
+    layer, index = int(row.get_attribute("data-layer")), int(row.get_attribute("data-index"))
+    with page.expect_request("**/v1/features/attribute") as sent:
+        row.click()
+    assert json.loads(sent.value.post_data) == {
+        "request_id": request_id, "position": position, "layer": layer, "feature": index, "top": 12,
+    }  # fmt: skip
+    wait_until(page, "document.querySelector('#why').textContent.includes('Top source tokens')")
+    want = httpx.post(
+        server.listening.features_url + "/v1/features/attribute",
+        json={"request_id": request_id, "position": position, "layer": layer, "feature": index},
+        timeout=60,
+    ).json()
+    panel = page.text_content("#why")
+    assert f"pre-activation (total){want['total']:.2f}" in panel
+    sources = page.locator("#why .why-group").first
+    names = sources.locator(".why-name").all_text_contents()
+    strongest = max(want["by_source"], key=lambda x: abs(x["value"]))
+    assert names[0] == f"{json.dumps(strongest['token'])} @{strongest['position']}"
+    assert 1 <= len(names) <= min(10, position + 1)
+    assert sources.locator(".bar span").count() == len(names)
+    assert "By component" in panel and "By block" in panel
+    assert page.console.errors == []
+
+
 def test_the_page_from_the_chat_port_reads_the_features_port(page, server) -> None:
     open_page(page, server.listening.chat_url)
     reply = chat_from_page(page)
@@ -297,6 +330,11 @@ def test_the_api_key_is_asked_once_sent_in_a_header_and_a_wrong_one_refused(
         == reference_reply(keyed_server, headers=auth)["choices"][0]["message"]["content"]
     )
     page.wait_for_selector("#strip .tok:not(.prompt)")
+    # The why panel's POST carries the key too.
+    with page.expect_request("**/v1/features/attribute") as sent:
+        page.locator("#strip .tok:not(.prompt) .feat").first.click()
+    assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+    wait_until(page, "document.querySelector('#why').textContent.includes('Top source tokens')")
     assert KEY not in page.url
     # Kept for this tab only: a reload does not ask again.
     page.reload()

@@ -79,6 +79,7 @@
     pinned: [],
     selectedToken: null,
     selectedFeature: null,
+    whyAsk: null, // the attribution asked last (an older answer arriving late is dropped)
     stripDirty: new Set(),
     stripRebuild: false,
     viewsDirty: false,
@@ -1033,6 +1034,97 @@
     box.replaceChildren(...parts);
   }
 
+  // ---- why did it fire (POST /v1/features/attribute by request id and position) ----------------------
+
+  const WHY_SOURCES = 10;
+
+  async function showWhy(token, layer, index) {
+    const box = $("why");
+    // Attribution reads the residual stream's SAEs (a layer number); other sites have none.
+    if (typeof layer !== "number") {
+      box.className = "muted";
+      box.replaceChildren(el("p", null, `No attribution for ${layer} features (residual stream only).`));
+      return;
+    }
+    const ask = `${token.requestId}|${token.position}|${layer}|${index}`;
+    state.whyAsk = ask;
+    box.className = "muted";
+    const what = `feature #${index} at layer ${layer} on ${JSON.stringify(token.text)} (position ${token.position})`;
+    box.replaceChildren(el("p", null, `Explaining ${what}…`));
+    let message = "";
+    try {
+      const response = await fetch(`${state.featuresOrigin}/v1/features/attribute`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify({
+          request_id: token.requestId,
+          position: token.position,
+          layer,
+          feature: index,
+          top: 12,
+        }),
+      });
+      const body = await response.json();
+      if (state.whyAsk !== ask) return;
+      if (response.ok) {
+        renderWhy(body, what);
+        return;
+      }
+      message = body?.error?.message || `HTTP ${response.status}`;
+    } catch (e) {
+      message = "attribution unavailable";
+    }
+    if (state.whyAsk !== ask) return;
+    box.className = "";
+    box.replaceChildren(el("h3", null, `Why: ${what}`), el("p", "error", message));
+  }
+
+  // One labelled number with a bar: its length is |value| against the largest in its group,
+  // its colour the sign (raised: hot, lowered: accent).
+  function whyRow(name, value, max) {
+    const row = el("div", "why-row");
+    const bar = el("div", "bar");
+    const fill = el("span", value < 0 ? "neg" : null);
+    fill.style.width = `${Math.max(1, Math.min(100, (100 * Math.abs(value)) / (max || 1)))}%`;
+    bar.append(fill);
+    row.append(el("span", "why-name", name), el("span", "feat-num", fmt(value)), bar);
+    return row;
+  }
+
+  function whyGroup(title, pairs) {
+    const max = Math.max(0, ...pairs.map(([, v]) => Math.abs(v)));
+    const block = el("div", "why-group");
+    block.append(el("h4", null, title));
+    for (const [name, value] of pairs) block.append(whyRow(name, value, max));
+    return block;
+  }
+
+  function renderWhy(body, what) {
+    const box = $("why");
+    box.className = "";
+    const num = (x) => Number(x) || 0;
+    const components = Object.entries(body.by_component || {}).map(([k, v]) => [String(k), num(v)]);
+    const blocks = (Array.isArray(body.by_layer) ? body.by_layer : []).map((x) => [
+      `block ${x.layer}`,
+      num(x.value),
+    ]);
+    const sources = (Array.isArray(body.by_source) ? body.by_source : [])
+      .map((x) => [`${JSON.stringify(String(x.token ?? ""))} @${x.position}`, num(x.value)])
+      .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]))
+      .slice(0, WHY_SOURCES);
+    box.replaceChildren(
+      el("h3", null, `Why: ${String(body.label ?? "")}, ${what}`),
+      facts([
+        ["pre-activation (total)", fmt(body.total)],
+        ["activation", fmt(body.activation)],
+        ["SAE error part", fmt(body.residual_error)],
+      ]),
+      whyGroup("Top source tokens", sources),
+      whyGroup("By component", components),
+      whyGroup("By block", blocks),
+    );
+  }
+
   function togglePin(key) {
     const i = state.pinned.indexOf(key);
     if (i >= 0) state.pinned.splice(i, 1);
@@ -1075,6 +1167,7 @@
       if (node.featureRef) {
         showFeature(node.featureRef.layer, node.featureRef.index);
         if (node.tokenRef && node.closest && node.closest("#strip")) showToken(node.tokenRef);
+        if (node.tokenRef) showWhy(node.tokenRef, node.featureRef.layer, node.featureRef.index);
         return;
       }
       if (node.tokenRef) {
