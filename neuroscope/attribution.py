@@ -510,16 +510,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def session_ablation_effects(
-    session: Any, text: str, layer: int, position: int, top: int = 5
+    session: Any, text: str | Sequence[int], layer: int, position: int, top: int = 5
 ) -> list[AblationEffect]:
     """``Session.ablation_effects``: for the ``top`` strongest SAE features at ``position``, the
-    next-token distribution there with each ablated in turn (one forward pass per feature)."""
+    next-token distribution there with each ablated in turn (one forward pass per feature).
+    ``text`` may be token ids already (a remembered request's)."""
     if layer not in session.saes:
         raise ConfigError(f"layer {layer} has no SAE in this session (hooked: {session.layers}).")
     sae: SAE = session.saes[layer]
     if sae.W_dec is None or sae.site != "resid_post":
         raise ConfigError(f"The SAE at layer {layer} cannot write features back to the residual.")
-    ids = session.tokenizer.encode_text(text)
+    ids = session.tokenizer.encode_text(text) if isinstance(text, str) else list(text)
     if not 0 <= position < len(ids):
         raise ConfigError(
             f"position {position} is outside the text, which has {len(ids)} tokens "
@@ -833,6 +834,77 @@ def attribution_json(
         ],
         "terms": [asdict(t) for t in att.top_terms(top)],
         "term_count": len(att.terms),
+    }
+
+
+MAX_ABLATION_TOP = 10  # one forward pass per feature
+
+
+def parse_ablation_request(raw: bytes) -> dict[str, Any]:
+    """The fields of ``POST /v1/features/ablation``: ``request_id`` (one of the server's last
+    requests), ``layer``, ``position``, ``top`` (features, default 5, at most 10)."""
+    if len(raw) > 4096:
+        raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", "request_id")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise AttributionRequestError(f"The body is not JSON: {e}.", "request_id") from None
+    if not isinstance(body, dict):
+        raise AttributionRequestError("The body must be a JSON object.", "request_id")
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        raise AttributionRequestError(
+            "request_id must be the id of one of this server's requests (a string).", "request_id"
+        )
+    top = _whole(body, "top", 5)
+    if not 1 <= top <= MAX_ABLATION_TOP:
+        raise AttributionRequestError(f"top must be 1 to {MAX_ABLATION_TOP}.", "top")
+    return {
+        "request_id": request_id,
+        "layer": _whole(body, "layer"),
+        "position": _whole(body, "position"),
+        "top": top,
+    }
+
+
+def ablation_json(
+    session: Any, request_id: str, layer: int, position: int, top: int = 5
+) -> dict[str, Any]:
+    """The answer of ``POST /v1/features/ablation``: per strong feature at the position, how the
+    next-token distribution moves when it is ablated (``session_ablation_effects``)."""
+    if layer not in session.saes:
+        raise AttributionRequestError(
+            f"layer {layer} has no SAE on this server (hooked layers: {session.layers}).", "layer"
+        )
+    try:
+        ids = session.requests.ids(request_id, position)
+    except ConfigError as e:
+        raise AttributionRequestError(
+            str(e), "position" if request_id in session.requests else "request_id"
+        ) from None
+    if len(ids) > MAX_REQUEST_TOKENS:
+        raise AttributionRequestError(
+            f"The request is {len(ids)} tokens; an ablation takes at most {MAX_REQUEST_TOKENS}.",
+            "request_id",
+        )
+    try:
+        effects = session_ablation_effects(session, ids, layer, position, top)
+    except ConfigError as e:  # an SAE that cannot write back to the residual
+        raise AttributionRequestError(str(e), "layer") from None
+    text = session.tokenizer.token_text
+    return {
+        "request_id": request_id,
+        "layer": layer,
+        "position": position,
+        "token": text(ids[position]),
+        "effects": [
+            {
+                **asdict(e),
+                "top_token_text": text(e.top_token),
+                "new_top_token_text": text(e.new_top_token),
+            }
+            for e in effects
+        ],
     }
 
 

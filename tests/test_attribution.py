@@ -487,6 +487,55 @@ def test_server_attributes_a_request_by_its_id(server, tiny_model, tiny_sae):
 
 
 @requires_torch
+def test_server_ablation_effects_of_a_request(server, tiny_model, tiny_sae):
+    """POST /v1/features/ablation with a chat request's id and a position: the same effects as
+    the session's ablation_effects on that request's tokens; bad input is a 400 naming the field."""
+    import httpx
+
+    from neuroscope.attribution import session_ablation_effects
+    from neuroscope.session import Session
+
+    chat = httpx.post(
+        server.listening.chat_url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    request_id = chat.json()["id"]
+    url = server.listening.features_url + "/v1/features/ablation"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with Session(
+        model=str(tiny_model), sae_local_path=str(tiny_sae["npz"]), layer=2, backend="torch", top_k=5, dtype="float32",
+    ) as s:  # fmt: skip
+        records = [r for r in s.generate(PROMPT, max_tokens=3, temperature=0.0) if r.layer == 2]
+        record = max(records, key=lambda r: r.position)
+        local = session_ablation_effects(
+            s, s.requests.ids(record.request_id), 2, record.position, 3
+        )
+    body = {"request_id": request_id, "layer": 2, "position": record.position, "top": 3}
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
+    r = httpx.post(url, json=body, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["token"] == record.token and local
+    assert [e["feature"] for e in got["effects"]] == [e.feature for e in local]
+    assert [e["kl"] for e in got["effects"]] == pytest.approx(
+        [e.kl for e in local], rel=1e-4, abs=1e-7
+    )
+    assert [e["top_prob_after"] for e in got["effects"]] == pytest.approx(
+        [e.top_prob_after for e in local], rel=1e-4
+    )
+    for bad, param in (
+        ({**body, "request_id": "gone"}, "request_id"),
+        ({**body, "position": record.position + 9}, "position"),
+        ({**body, "top": 11}, "top"),
+        ({**body, "layer": 1}, "layer"),
+    ):
+        r = httpx.post(url, json=bad, headers=auth, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@requires_torch
 @pytest.mark.parametrize(
     ("body", "param"),
     [

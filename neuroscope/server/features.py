@@ -24,7 +24,9 @@ from litestar.response import Stream
 from neuroscope.anomaly import AnomalyEvent
 from neuroscope.attribution import (
     AttributionRequestError,
+    ablation_json,
     attribution_json,
+    parse_ablation_request,
     parse_attribute_request,
 )
 from neuroscope.capture import MAX_REQUEST_CHARS, CaptureRequestError, capture_json
@@ -274,6 +276,16 @@ def create_features_app(
         except AttributionRequestError as e:
             raise APIError(400, str(e), param=e.param) from None
 
+    @post("/v1/features/ablation", status_code=200)
+    async def ablation(request: Request) -> dict[str, Any]:
+        """Per strong feature at one token of a remembered request: the next-token distribution
+        with it ablated (KL, the top token's probability; docs/why.md)."""
+        try:
+            args = parse_ablation_request(await request.body())
+            return await engine.call(lambda session: ablation_json(session, **args))
+        except AttributionRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
     @get("/health", opt=OPEN)
     async def health() -> Response:
         if engine.closing:
@@ -287,6 +299,7 @@ def create_features_app(
             feature_info,
             capture,
             attribute,
+            ablation,
             health,
             *page_routes(
                 engine,
