@@ -217,6 +217,19 @@ def test_clicking_a_feature_on_a_token_shows_why_it_fired(page, server) -> None:
     assert 1 <= len(names) <= min(10, position + 1)
     assert sources.locator(".bar span").count() == len(names)
     assert "By component" in panel and "By block" in panel
+    # Ablation effects at the same token: the strongest features, each with its KL as a bar.
+    with page.expect_request("**/v1/features/ablation") as sent:
+        page.click("#why button:text('Ablation effects')")
+    assert json.loads(sent.value.post_data)["request_id"] == request_id
+    page.wait_for_selector("#why .ablation .why-row")
+    effects = httpx.post(
+        server.listening.features_url + "/v1/features/ablation",
+        json={"request_id": request_id, "position": position, "layer": layer, "top": 5},
+        timeout=60,
+    ).json()["effects"]
+    rows = page.locator("#why .ablation .why-name").all_text_contents()
+    assert len(rows) == len(effects) >= 1
+    assert rows[0].startswith(f"{effects[0]['label']} #{effects[0]['feature']}: p(")
     assert page.console.errors == []
 
 

@@ -1067,7 +1067,7 @@
       const body = await response.json();
       if (state.whyAsk !== ask) return;
       if (response.ok) {
-        renderWhy(body, what);
+        renderWhy(body, what, token, layer);
         return;
       }
       message = body?.error?.message || `HTTP ${response.status}`;
@@ -1099,7 +1099,38 @@
     return block;
   }
 
-  function renderWhy(body, what) {
+  // Ablation effects (POST /v1/features/ablation): the strongest features at this token, each
+  // removed in turn, and how the next-token distribution moved (one forward pass per feature).
+  async function showAblation(token, layer, out) {
+    out.replaceChildren(el("p", "muted", "Ablating the strongest features…"));
+    try {
+      const response = await fetch(`${state.featuresOrigin}/v1/features/ablation`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify({ request_id: token.requestId, position: token.position, layer, top: 5 }),
+      });
+      const body = await response.json();
+      if (!response.ok) {
+        out.replaceChildren(el("p", "error", body?.error?.message || `HTTP ${response.status}`));
+        return;
+      }
+      const effects = Array.isArray(body.effects) ? body.effects : [];
+      const max = Math.max(0, ...effects.map((e) => Number(e.kl) || 0));
+      const block = el("div", "why-group ablation");
+      block.append(el("h4", null, "Ablation effects on the next token (KL, nats)"));
+      for (const e of effects) {
+        const tokenText = JSON.stringify(String(e.top_token_text ?? ""));
+        const name = `${String(e.label ?? `feature_${e.feature}`)} #${e.feature}: p(${tokenText}) ${fmt(e.top_prob_before)} → ${fmt(e.top_prob_after)}`;
+        block.append(whyRow(name, Number(e.kl) || 0, max));
+      }
+      if (!effects.length) block.append(el("p", "muted", "No feature is active here."));
+      out.replaceChildren(block);
+    } catch (e) {
+      out.replaceChildren(el("p", "error", "ablation effects unavailable"));
+    }
+  }
+
+  function renderWhy(body, what, token, layer) {
     const box = $("why");
     box.className = "";
     const num = (x) => Number(x) || 0;
@@ -1123,6 +1154,11 @@
       whyGroup("By component", components),
       whyGroup("By block", blocks),
     );
+    const out = el("div");
+    const ablate = el("button", null, "Ablation effects at this token");
+    ablate.type = "button";
+    ablate.addEventListener("click", () => showAblation(token, layer, out));
+    box.append(ablate, out);
   }
 
   function togglePin(key) {
