@@ -424,7 +424,7 @@ class Session:
                 self.encode(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                 seed=seed, stop=stop, steering=plan, batch=batch,
             )  # fmt: skip
-            results.append(Generation(events, phase=phase))
+            results.append(Generation(self.requests.watch(events), phase=phase))
         return results
 
     def trace(

@@ -389,6 +389,12 @@ def test_attribute_a_record_equals_attributing_its_tokens(torch_session):
     assert got.total == pytest.approx(want.total, rel=1e-9, abs=1e-9)
     assert got.tokens == want.tokens
 
+    # generate_many (batched) remembers its generated tokens too.
+    (many,) = s.generate_many([PROMPT], max_tokens=4, temperature=0.0)
+    batched = max((r for r in many if r.layer == 1), key=lambda r: r.position)
+    assert batched.position == last.position
+    assert s.attribute(batched, 11).total == pytest.approx(want.total, rel=1e-5, abs=1e-6)
+
     with pytest.raises(RequestForgotten, match="not remembered"):
         s.attribute(msgspec.structs.replace(record, request_id="no-such-request"), 7)
     # Bounded: the oldest requests are forgotten.
