@@ -273,10 +273,12 @@ class CachedRepo:
 
 def scan_hf_cache(cache_dir: str | Path | None = None) -> list[CachedRepo]:
     """Model repos in the Hugging Face cache, each classed as a model, an SAE repo or other."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        info = scan_cache_dir(cache_dir)
+        # read the cache folder now, as hf_hub_download does (scan_cache_dir's default is the one
+        # seen when huggingface_hub was imported)
+        info = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
     except Exception:  # no cache folder yet (CacheNotFound) and the like
         return []
     repos = []
