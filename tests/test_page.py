@@ -142,11 +142,13 @@ def test_a_chat_from_the_page_shows_its_reply_tokens_labels_heatmap_and_graph(pa
         assert chip["labels"] == expected
         assert chip["numbers"][0].startswith(f"{record['top_features'][0]['activation']:.2f}")
     # The heatmap has a row for the hooked layer and feature rows; the graph has nodes and links.
+    shown = page.evaluate("document.querySelectorAll('#strip .tok').length")
+    # the heatmap is redrawn at most ten times a second: wait for the draw that follows the strip
+    wait_until(page, "(n) => Number(document.querySelector('#heatmap').dataset.cols) >= n", shown)
     heat = page.evaluate(
         "({rows: document.querySelectorAll('#heatmap-rows div').length,"
         "  cols: Number(document.querySelector('#heatmap').dataset.cols)})"
     )
-    shown = page.evaluate("document.querySelectorAll('#strip .tok').length")
     assert heat["rows"] > 1 and heat["cols"] == shown >= len(records)  # a column per token
     graph = page.evaluate(
         "({nodes: document.querySelectorAll('#graph circle').length,"
