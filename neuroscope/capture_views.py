@@ -150,7 +150,7 @@ def project(
     used = method
     if method == "umap":
         try:
-            import umap  # type: ignore[import-untyped]
+            import umap  # type: ignore[import-untyped, import-not-found]  # optional: [fmri]
         except ImportError:
             used = "pca"
     if used == "umap" and len(x) > 3:
