@@ -143,6 +143,21 @@ def _layer_param(request: Request, engine: Engine) -> int | None:
     return layer
 
 
+def _one_layer(request: Request, engine: Engine) -> int:
+    """The ``?layer=`` asked for, or the only hooked layer (a 400 when several are hooked)."""
+    layer = _layer_param(request, engine)
+    if layer is not None:
+        return layer
+    layers = engine.info.layers
+    if len(layers) > 1:
+        raise APIError(
+            400,
+            f"Several layers are hooked ({', '.join(map(str, layers))}); pass ?layer=.",
+            param="layer",
+        )
+    return layers[0]
+
+
 def _capture_args(raw: bytes) -> dict[str, Any]:
     """The fields of a capture request, type-checked (bounds that need the model come later)."""
     # JSON escapes can quadruple a text; the rest leaves room for the other fields.
@@ -219,31 +234,12 @@ def create_features_app(
 
     @get("/v1/features/labels")
     async def labels(request: Request) -> dict[str, str]:
-        layers = engine.info.layers
-        layer = _layer_param(request, engine)
-        if layer is None:
-            if len(layers) > 1:
-                raise APIError(
-                    400,
-                    f"Several layers are hooked ({', '.join(map(str, layers))}); pass ?layer=.",
-                    param="layer",
-                )
-            layer = layers[0]
-        return await engine.labels(layer)
+        return await engine.labels(_one_layer(request, engine))
 
     @get("/v1/features/info")
     async def feature_info(request: Request) -> dict[str, Any]:
         """One feature: label and its source, calibration, top examples, Neuronpedia page."""
-        layer = _layer_param(request, engine)
-        layers = engine.info.layers
-        if layer is None:
-            if len(layers) > 1:
-                raise APIError(
-                    400,
-                    f"Several layers are hooked ({', '.join(map(str, layers))}); pass ?layer=.",
-                    param="layer",
-                )
-            layer = layers[0]
+        layer = _one_layer(request, engine)
         raw = request.query_params.get("index", "")
         width = engine.info.sae_widths[layer]
         index = int(raw) if raw.isdigit() else -1
