@@ -107,6 +107,43 @@ def attention_span(n_queries: int, offset: int, window: int | None) -> Attention
     return AttentionSpan(key_start, visible)
 
 
+def batch_attention_span(
+    n_queries: int, length: int, left_padding: mx.array, window: int | None
+) -> AttentionSpan:
+    """Span for a left-padded batch (mlx-lm's ``BatchKVCache``): ``length`` cache columns before
+    these queries, row ``b``'s real keys from column ``left_padding[b]`` on.
+
+    Every row ends at the same column, so a row's own positions are its columns shifted by its
+    padding: causality and the window are the same differences of columns for every row, and only
+    the padding (never a real key) differs per row. Mask: bool [B, 1, 1, queries, keys], for the
+    scores [B, kv heads, repeats, queries, keys].
+    """
+    key_start = max(0, length - window + 1) if window else 0
+    q = mx.arange(length, length + n_queries)[:, None]
+    k = mx.arange(key_start, length + n_queries)[None]
+    visible = k <= q
+    if window:
+        visible = visible & (q - k < window)
+    real = k[None] >= left_padding[:, None, None]  # [B, 1, keys]: not padding
+    return AttentionSpan(key_start, (visible[None] & real)[:, None, None])
+
+
+def layer_spans(n_queries: int, cache: Any | None, window: int | None) -> dict[str, AttentionSpan]:
+    """Each layer kind's span for ``n_queries`` new tokens after what ``cache`` (the first
+    layer's; every layer holds the same positions) holds: one sequence, or a left-padded batch."""
+    if cache is not None and isinstance(cache.offset, mx.array):  # a BatchKVCache: rows' offsets
+        length = cache.size()
+        return {
+            FULL: batch_attention_span(n_queries, length, cache.left_padding, None),
+            SLIDING: batch_attention_span(n_queries, length, cache.left_padding, window),
+        }
+    offset = cache.offset if cache is not None else 0
+    return {
+        FULL: attention_span(n_queries, offset, None),
+        SLIDING: attention_span(n_queries, offset, window),
+    }
+
+
 def softcap(x: mx.array, cap: float | None) -> mx.array:
     return x if cap is None else mx.tanh(x / cap) * cap
 
@@ -132,6 +169,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
+        # A batch cache's offset is each row's own position ([B]): RoPE takes it per row.
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
@@ -195,12 +233,7 @@ class GemmaModel(nn.Module):
         # Gemma rounds the normaliser to the model dtype (sqrt(3584) is 60.0 in bfloat16).
         h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.layers)
-        offset = caches[0].offset if caches[0] is not None else 0
-        n = inputs.shape[1]
-        spans = {
-            FULL: attention_span(n, offset, None),
-            SLIDING: attention_span(n, offset, self.args.sliding_window),
-        }
+        spans = layer_spans(inputs.shape[1], caches[0], self.args.sliding_window)
         # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
         # so wrappers around them see the usual signature.
         kinds = self.args.layer_types

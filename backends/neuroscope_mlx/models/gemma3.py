@@ -33,7 +33,7 @@ from neuroscope_mlx.models.gemma2 import (
     SLIDING,
     AttentionSpan,
     RMSNorm,
-    attention_span,
+    layer_spans,
     softcap,
 )
 
@@ -182,12 +182,7 @@ class Gemma3Model(nn.Module):
         # The normaliser in the model's dtype: exact in float32 (mlx-lm rounds it to bfloat16).
         h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         cache = cache or [None] * len(self.layers)
-        offset = cache[0].offset if cache[0] is not None else 0
-        n = inputs.shape[1]
-        spans = {
-            FULL: attention_span(n, offset, None),
-            SLIDING: attention_span(n, offset, self.args.sliding_window),
-        }
+        spans = layer_spans(inputs.shape[1], cache[0], self.args.sliding_window)
         # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
         # so wrappers around them see the usual signature.
         layer_types = self.args.layer_types or []
