@@ -52,7 +52,9 @@ def main(
             for size in [int(n) for n in batches.split(",")]:
                 seqs = []
                 for _ in range(size):
-                    seq, _ = backend.start(rng.integers(10, vocab, prompt_tokens).tolist(), greedy)  # type: ignore[attr-defined]
+                    seq = backend.start(rng.integers(10, vocab, prompt_tokens).tolist(), greedy)  # type: ignore[attr-defined]
+                    while backend.prefill_chunk(seq, prompt_tokens) is None:  # type: ignore[attr-defined]
+                        pass
                     seqs.append(seq)
                 times = []
                 for _ in range(steps + 2):

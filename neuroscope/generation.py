@@ -192,22 +192,30 @@ def prompt_records(
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillStep:
+    """What ``generation_steps`` asks of its driver first: prefill the prompt ``prompt_ids`` (with
+    ``sampling`` and ``steering`` for the sequence it starts), send back the features of every
+    prompt position (what ``Backend.prefill`` returns)."""
+
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams
+    steering: CompiledSteering | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeStep:
-    """What ``generation_steps`` asks of its driver: feed ``token``, send back its features."""
+    """What ``generation_steps`` asks of its driver per token: feed ``token``, send back its
+    features."""
 
     token: int
 
 
-class SequenceModel(Protocol):
-    """What one request's loop needs of a model besides decoding: a ``Backend``, or one sequence
-    of a batch (``neuroscope.batching``)."""
+Steps = Generator[Event | PrefillStep | DecodeStep, StepFeatures | None, None]
 
-    def prefill(
-        self,
-        token_ids: Sequence[int],
-        sampling: SamplingParams,
-        steering: CompiledSteering | None = None,
-    ) -> StepFeatures: ...
+
+class SequenceModel(Protocol):
+    """What one request's loop draws its tokens from (prefill and decodes are its driver's): a
+    ``Backend``, or one sequence of a batch (``neuroscope.batching``)."""
 
     def sample(self, allowed: np.ndarray | None = None) -> int: ...
 
@@ -227,7 +235,7 @@ def generate(
     steering: CompiledSteering | None = None,
     constraint: TokenConstraint | None = None,
 ) -> Iterator[Event]:
-    """Run one request alone: ``generation_steps`` with each decode done by ``backend.decode``."""
+    """Run one request alone: ``generation_steps`` driven by ``backend`` itself (``drive_alone``)."""
     steps = generation_steps(
         backend, tokenizer, builder, prompt_ids, request_id=request_id, max_tokens=max_tokens,
         sampling=sampling, stop=stop, report_bos=report_bos, should_stop=should_stop,
@@ -236,14 +244,15 @@ def generate(
     return drive_alone(backend, steps)
 
 
-def drive_alone(
-    backend: Backend, steps: Generator[Event | DecodeStep, StepFeatures | None, None]
-) -> Iterator[Event]:
-    """The events of a request's loop, its decodes done one at a time by ``backend.decode``."""
+def drive_alone(backend: Backend, steps: Steps) -> Iterator[Event]:
+    """The events of a request's loop, run alone: its prefill by ``backend.prefill``, its decodes
+    one at a time by ``backend.decode``."""
     try:
         item = next(steps)
         while True:
-            if isinstance(item, DecodeStep):
+            if isinstance(item, PrefillStep):
+                item = steps.send(backend.prefill(item.prompt_ids, item.sampling, item.steering))
+            elif isinstance(item, DecodeStep):
                 item = steps.send(backend.decode(item.token))
             else:
                 yield item
@@ -268,20 +277,23 @@ def generation_steps(
     should_stop: Callable[[], bool] = lambda: False,
     steering: CompiledSteering | None = None,
     constraint: TokenConstraint | None = None,
-) -> Generator[Event | DecodeStep, StepFeatures | None, None]:
+) -> Steps:
     """Run one request: prompt records, then per generated token its text and its records.
 
     ``constraint`` (structured output, ``neuroscope.grammar``) says before each sample which
     tokens may come next, and is told each token drawn.
 
-    Besides events it yields a ``DecodeStep`` per generated token; its driver answers each with
-    ``send(features of that token)`` (``generate`` alone, ``neuroscope.batching`` in a batch).
+    Besides events it yields a ``PrefillStep`` first and a ``DecodeStep`` per generated token; its
+    driver answers each with ``send(features)`` (of the prompt, of that token): ``drive_alone``
+    alone, ``neuroscope.batching`` in a batch (which may prefill in chunks between other requests'
+    decodes). ``backend`` only samples: the driver owns the model's state.
 
     ``steering`` (compiled for this prompt) is handed to the backend with the prompt and lives
     as long as this sequence; its monitors yield a ``MonitorEvent`` after the record of the position
     where they fire, and a ``stop`` monitor ends the generation there (finish reason ``monitor``).
     """
-    features = backend.prefill(prompt_ids, sampling, steering)
+    features = yield PrefillStep(prompt_ids, sampling, steering)
+    assert features is not None, "send the features of a PrefillStep"
     monitors = MonitorWatch(steering, request_id) if steering and steering.monitors else None
     decoder = tokenizer.decoder()
     stops = StopStrings(stop)

@@ -12,7 +12,7 @@ from conftest import LONG_PROMPT, TINY_LAYER, requires_torch
 
 from neuroscope import Session
 from neuroscope.backend import SamplingParams
-from neuroscope.batching import BatchScheduler
+from neuroscope.batching import BatchScheduler, OneAtATime
 from neuroscope.generation import TextDelta
 from neuroscope.records import GenerationComplete, TokenFeatures
 from neuroscope.sae import load_local
@@ -74,8 +74,8 @@ def alone(session, prompt, **kw):
 
 
 def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae) -> None:
-    """The torch backend itself: two hooked layers, prompts of 5, 23 and 14 tokens (window 8),
-    the third joining at step 4, the second leaving at step 7."""
+    """The torch backend itself: two hooked layers, prompts of 5, 23 and 14 tokens (window 8)
+    prefilled in chunks of 4, the third joining at step 4, the second leaving at step 7."""
     from neuroscope_torch import TorchBackend
 
     b = TorchBackend.load(tiny_model, dtype="float32")
@@ -98,7 +98,10 @@ def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae) -
     state: dict[int, dict] = {}
 
     def begin(i):
-        seq, f = b.start(prompts[i], greedy)
+        seq = b.start(prompts[i], greedy)
+        f = None
+        while f is None:  # in chunks of 4 tokens, fewer than the window
+            f = b.prefill_chunk(seq, 4)
         state[i] = {"seq": seq, "tokens": [b.sample_sequence(seq)], "feats": [f]}
 
     begin(0)
@@ -134,6 +137,96 @@ def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae) -
                 )
                 worst = max(worst, float(rel.max()))
     print(f"\nbatched vs alone, worst relative activation difference: {worst:.1e}")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_chunked_prefill_equals_one_prefill(session, chunk) -> None:
+    """A 40-token prompt fed in chunks (shorter than, and as long as, the sliding window of 8)
+    gives the prompt features and the logits of one ``Backend.prefill``, steered from position 20
+    (a clamp of a feature mid-prompt) too, and its decodes continue alike."""
+    b = session.backend
+    greedy = SamplingParams(temperature=0)
+    ids = np.random.default_rng(1).integers(10, 500, 40).tolist()
+    plan = session.steering_plan(STEER, None, "all")
+    for steering in (None, session._compile(plan, 20)):
+        want = b.prefill(ids, greedy, steering)
+        want_logits = b.last_logits
+        want_tokens = [b.sample()]
+        want_steps = []
+        for _ in range(3):
+            want_steps.append(b.decode(want_tokens[-1]))
+            want_tokens.append(b.sample())
+
+        seq = b.start(ids, greedy, steering)
+        got, fed = None, 0
+        while got is None:
+            got = b.prefill_chunk(seq, chunk)
+            fed += 1
+        assert fed == -(-len(ids) // chunk)
+        np.testing.assert_allclose(seq.logits.numpy(), want_logits, rtol=1e-4, atol=1e-5)
+        tokens = [b.sample_sequence(seq)]
+        steps = []
+        for _ in range(3):
+            steps.append(b.decode_batch([seq], [tokens[-1]])[0])
+            tokens.append(b.sample_sequence(seq))
+        assert tokens == want_tokens
+        for g, w in zip([got, *steps], [want, *want_steps], strict=True):
+            layer = TINY_LAYER
+            assert g[layer].indices.shape == w[layer].indices.shape
+            np.testing.assert_array_equal(g[layer].indices, w[layer].indices)
+            np.testing.assert_allclose(g[layer].activations, w[layer].activations, rtol=1e-4)
+        assert got[TINY_LAYER].indices.shape[0] == len(ids)
+
+
+def test_one_at_a_time_prefills_the_whole_prompt_at_once(session) -> None:
+    """A backend that cannot batch: its one "chunk" is the whole prompt, whatever is asked."""
+    ids = session.encode(PROMPTS[1])
+    one = OneAtATime(session.backend)
+    seq = one.start(ids, SamplingParams(temperature=0))
+    got = one.prefill_chunk(seq, 2)
+    assert got is not None and got[TINY_LAYER].indices.shape[0] == len(ids)
+    want = session.backend.prefill(ids, SamplingParams(temperature=0))
+    np.testing.assert_array_equal(got[TINY_LAYER].indices, want[TINY_LAYER].indices)
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_decodes(session) -> None:
+    """Two requests decode; a long prompt (many chunks of 8) joins: every step feeds one chunk of
+    it AND decodes the other two, so they do not wait for its whole prompt; every reply and
+    record equals its request served alone."""
+    kw = {"max_tokens": 24, "temperature": 0.0}
+    long_prompt = LONG_PROMPT + " " + LONG_PROMPT
+    batch = BatchScheduler(session.backend, max_batch=3, prefill_chunk=8)
+    first = session.events(session.encode(PROMPTS[0]), batch=batch, **kw)
+    second = session.events(session.encode(PROMPTS[2]), batch=batch, **kw)
+    while batch.prefilling or batch.waiting or batch.steps_run < 2:
+        batch.step()
+    assert len(batch.running) == 2
+    before = batch.steps_run
+    long_ids = session.encode(long_prompt)
+    chunks = -(-len(long_ids) // 8)
+    assert chunks >= 6
+    late = session.events(long_ids, batch=batch, **{**kw, "max_tokens": 6})
+    log = []  # per step: (decode steps run, chunks fed, widest decode so far, still prefilling)
+    while True:
+        batch.step()
+        log.append((batch.steps_run, batch.chunks_run, len(batch.running), len(batch.prefilling)))
+        if not batch.prefilling:
+            break
+    # one chunk of the long prompt per step, and a decode of the two others in each of them
+    assert len(log) == chunks
+    assert [s for s, *_ in log] == list(range(before + 1, before + 1 + chunks))
+    assert [c for _, c, *_ in log] == list(range(log[0][1], log[0][1] + chunks))
+    assert all(prefilling == 1 for *_, prefilling in log[:-1])
+    assert log[-1][2] == 3  # after its last chunk it decodes with them, in the same step
+    assert batch.widest == 3
+    results = [split(e) for e in (first, second, late)]
+    for (text, records, _, finish), prompt, n in zip(
+        results, [PROMPTS[0], PROMPTS[2], long_prompt], [24, 24, 6], strict=True
+    ):
+        want = alone(session, prompt, **{**kw, "max_tokens": n})
+        assert (text, finish) == (want[0], want[3])
+        assert_same_records(records, want[1])
+    assert batch.idle
 
 
 def test_generate_many_equals_generate_alone(session) -> None:

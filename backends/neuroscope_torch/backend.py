@@ -365,11 +365,18 @@ class TorchBackend(Backend):
         token_ids: Sequence[int],
         sampling: SamplingParams,
         steering: CompiledSteering | None = None,
-    ) -> tuple[TorchSequence, StepFeatures]:
-        """Prefill a sequence that will decode in the running batch (``decode_batch``)."""
+    ) -> TorchSequence:
+        """A sequence that will decode in the running batch; nothing computed yet."""
         from neuroscope_torch import batch
 
         return batch.start(self, token_ids, sampling, steering)
+
+    def prefill_chunk(self, seq: TorchSequence, max_tokens: int) -> StepFeatures | None:
+        """The next ``max_tokens`` of ``seq``'s prompt; its prompt features after the last."""
+        from neuroscope_torch import batch
+
+        assert isinstance(seq, batch.BatchedTorchSequence), "a sequence made by start()"
+        return batch.prefill_chunk(self, seq, max_tokens)
 
     def decode_batch(
         self, seqs: Sequence[TorchSequence], token_ids: Sequence[int]

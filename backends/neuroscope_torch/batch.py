@@ -8,8 +8,9 @@ Design (the simplest exact one): the running batch holds ONE left-padded transfo
 exact with left padding: they are measured as a difference of cache indices, and padding shifts the
 query and its keys alike.
 
-A newcomer is prefilled alone (its own cache, exactly as when it is served alone) and merged into
-the batch before its first decode, by left-padding either side to the longer length; a row that
+A newcomer's prompt is prefilled alone, in chunks (``prefill_chunk``: each chunk continues its own
+cache at its own positions, so the attention is that of one prefill), and merged into the batch
+before its first decode, by left-padding either side to the longer length; a row that
 leaves is dropped with ``batch_select_indices`` and columns that became all padding are trimmed.
 
 Reused from transformers: ``DynamicCache``/``DynamicLayer`` (their tensors and
@@ -25,16 +26,27 @@ sequence path's sliding layers, exact all the same).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures
+from neuroscope_torch.backend import TorchSequence
 
 if TYPE_CHECKING:
     from neuroscope.steering import CompiledSteering
-    from neuroscope_torch.backend import TorchBackend, TorchSequence
+    from neuroscope_torch.backend import TorchBackend
+
+
+@dataclass
+class BatchedTorchSequence(TorchSequence):
+    """A sequence of the batch: while its prompt is being fed, the prompt and the features of
+    the chunks fed so far."""
+
+    prompt: list[int] | None = None  # None once all fed
+    prompt_features: list[StepFeatures] = field(default_factory=list)
 
 
 class TorchBatch:
@@ -98,18 +110,16 @@ def _pad(kv: torch.Tensor, n: int) -> torch.Tensor:
     return kv if n == 0 else torch.nn.functional.pad(kv, (0, 0, n, 0))
 
 
-@torch.inference_mode()
 def start(
     backend: TorchBackend,
     token_ids: Sequence[int],
     sampling: SamplingParams,
     steering: CompiledSteering | None = None,
-) -> tuple[TorchSequence, StepFeatures]:
-    """Prefill a new sequence alone, as ``prefill`` does, but into a cache that can join a batch
-    (full-length layers) and without touching the backend's single sequence."""
+) -> BatchedTorchSequence:
+    """A new sequence of ``token_ids``: ids checked, generator seeded, an empty cache that can
+    join a batch (full-length layers); nothing computed yet (``prefill_chunk`` feeds the prompt)."""
     from transformers import DynamicCache
 
-    from neuroscope_torch.backend import TorchSequence
     from neuroscope_torch.steering import SequenceSteering
 
     ids = backend._check_ids(token_ids)
@@ -120,9 +130,45 @@ def start(
         generator.seed()
     cache = DynamicCache()  # no config: every layer full-length, so rows can be padded and merged
     steer = None if steering is None else SequenceSteering(steering, backend._saes, backend._device)
-    logits = backend._forward(cache, 0, ids, steer)
-    seq = TorchSequence(cache, sampling, generator, len(ids), logits, steer)
-    return seq, backend._features(steer, 0)
+    nothing = torch.empty(0, device=backend._device)  # logits come with the last chunk
+    return BatchedTorchSequence(cache, sampling, generator, 0, nothing, steer, prompt=ids)
+
+
+@torch.inference_mode()
+def prefill_chunk(
+    backend: TorchBackend, seq: BatchedTorchSequence, max_tokens: int
+) -> StepFeatures | None:
+    """Feed the next ``max_tokens`` (at most) of ``seq``'s prompt into its own cache, from where
+    the last chunk stopped (its positions, its cache offset: the same attention as one prefill,
+    chunk by chunk); the features of every prompt position after the last chunk, else None."""
+    if seq.prompt is None:
+        raise RuntimeError("This sequence's prompt is all fed: decode it instead.")
+    chunk = seq.prompt[seq.position : seq.position + max(max_tokens, 1)]
+    seq.logits = backend._forward(seq.cache, seq.position, chunk, seq.steering)
+    seq.prompt_features.append(backend._features(seq.steering, seq.position))
+    seq.position += len(chunk)
+    if seq.position < len(seq.prompt):
+        return None
+    parts, seq.prompt, seq.prompt_features = seq.prompt_features, None, []
+    return _concat(parts)
+
+
+def _concat(parts: list[StepFeatures]) -> StepFeatures:
+    """The features of consecutive chunks as those of one prefill (positions in order)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    return {
+        layer: LayerTopK(
+            np.concatenate([p[layer].indices for p in parts]),
+            np.concatenate([p[layer].activations for p in parts]),
+            cat([p[layer].watched for p in parts]),
+        )
+        for layer in parts[0]
+    }
 
 
 @torch.inference_mode()
@@ -221,6 +267,8 @@ def _features(
 @torch.inference_mode()
 def sample(backend: TorchBackend, seq: TorchSequence, allowed: np.ndarray | None = None) -> int:
     """The backend's own sampling, on ``seq``'s logits and generator."""
+    if getattr(seq, "prompt", None) is not None:
+        raise RuntimeError("This sequence's prompt is not all fed yet: prefill_chunk first.")
     saved = backend._seq
     backend._seq = seq
     try:
