@@ -30,6 +30,8 @@ from neuroscope.backend import (
 )
 from neuroscope.errors import ConfigError
 from neuroscope.sae import SAE
+from neuroscope_mlx import batch
+from neuroscope_mlx.batch import MLXBatch, MLXBatchSequence, join_steps
 from neuroscope_mlx.hooks import install_hooks
 from neuroscope_mlx.loading import load_folder, resolve_dtype
 from neuroscope_mlx.sae import MLXSAE, top_k
@@ -100,6 +102,7 @@ class MLXBackend(Backend):
         self._top_k = 10
         self._recorded: tuple[int, ...] = ()
         self._seq: MLXSequence | None = None
+        self._batch: MLXBatch | None = None  # the running batch of decode_batch, made at its first
         self.last_residuals: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -209,19 +212,7 @@ class MLXBackend(Backend):
         self.last_residuals = {
             layer: np.concatenate([s[1][layer] for s in steps]) for layer in self._recorded
         }
-        watched = {layer: [s[0][layer].watched for s in steps] for layer in self._saes}
-        return {
-            layer: LayerTopK(
-                indices=np.concatenate([s[0][layer].indices for s in steps]),
-                activations=np.concatenate([s[0][layer].activations for s in steps]),
-                watched=(
-                    None
-                    if watched[layer][0] is None
-                    else np.concatenate([w for w in watched[layer] if w is not None])
-                ),
-            )
-            for layer in self._saes
-        }
+        return join_steps([s[0] for s in steps])
 
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")
@@ -249,6 +240,36 @@ class MLXBackend(Backend):
             token = seq.next_token if seq.next_token is not None else self._draw(seq)
         seq.next_token = None
         return int(np.asarray(token))
+
+    # --- continuous batching (neuroscope.batching; the machinery is in neuroscope_mlx.batch) ---
+    # Batched sequences have their own state (cache, logits, key), apart from the one sequence of
+    # prefill/decode/sample above: neither disturbs the other, nor do calls between steps.
+
+    def start(
+        self,
+        token_ids: Sequence[int],
+        sampling: SamplingParams,
+        steering: CompiledSteering | None = None,
+    ) -> MLXBatchSequence:
+        """A new sequence for the running batch; nothing is computed until ``prefill_chunk``."""
+        return batch.start(self, token_ids, sampling, steering)
+
+    def prefill_chunk(self, seq: MLXBatchSequence, max_tokens: int) -> StepFeatures | None:
+        """Up to ``max_tokens`` more of ``seq``'s prompt, alone; after the last chunk the
+        features of every prompt position (as ``prefill``), None before."""
+        return batch.prefill_chunk(self, seq, max_tokens)
+
+    def decode_batch(
+        self, seqs: Sequence[MLXBatchSequence], token_ids: Sequence[int]
+    ) -> list[StepFeatures]:
+        """One step of every sequence in ``seqs`` (the batch becomes exactly these)."""
+        if self._batch is None:
+            self._batch = MLXBatch()
+        return batch.decode(self, self._batch, seqs, token_ids)
+
+    def sample_sequence(self, seq: MLXBatchSequence, allowed: np.ndarray | None = None) -> int:
+        """``sample`` on a batched sequence."""
+        return batch.sample(self, seq, allowed)
 
     @property
     def last_logits(self) -> np.ndarray:
