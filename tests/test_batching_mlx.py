@@ -9,6 +9,7 @@ tests/test_gemma3.py), so "equal alone" is exact. Figures print with ``-s``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,154 @@ def test_smollm2_real_weights_batched_equals_alone(tmp_path_factory) -> None:
         b, prompts, [GREEDY, SEEDED, GREEDY, GREEDY], (15,), steps=10, chunk=16
     )
     print(f"\nMLX SmolLM2 batched vs alone: worst relative activation {worst:.1e}")
+
+
+# --- a real server: neuroscope serve --backend mlx --max-batch N ------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Hello there"}],
+]
+MAX_TOKENS = [40, 30, 45, 24, 36]
+
+
+def mlx_loader(model: Path, sae_npz: Path):
+    def load() -> Session:
+        return Session(
+            model=str(model), sae_local_path=str(sae_npz), layer=TINY_LAYER, backend="mlx",
+            top_k=5, dtype="float32",
+        )  # fmt: skip
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    from serve_support import build_long_context_model
+
+    return build_long_context_model(tmp_path_factory.mktemp("mlx-serve-model"))
+
+
+@pytest.fixture(scope="module")
+def mlx_reference(long_model, tiny_sae):
+    with mlx_loader(long_model, tiny_sae["npz"])() as s:
+        yield s
+
+
+def serve_chats(server, model, chats, max_tokens, during=None):
+    """Stream ``chats`` concurrently (the official openai client) and read every record of the
+    feature stream; ``during`` runs on its own thread once the first reply has begun."""
+    import threading
+
+    import openai
+    from serve_support import FeatureStream
+
+    client = openai.OpenAI(
+        base_url=server.listening.chat_url + "/v1", api_key="-", max_retries=0, timeout=120
+    )
+    start, begun = threading.Barrier(len(chats)), threading.Event()
+    got: list[dict] = [{} for _ in chats]
+
+    def chat(i: int) -> None:
+        start.wait()
+        stream = client.chat.completions.create(
+            model=str(model), messages=chats[i], max_tokens=max_tokens[i], temperature=0,
+            stream=True,
+        )  # fmt: skip
+        chunks = []
+        for c in stream:
+            chunks.append(c)
+            begun.set()
+        got[i] = {
+            "id": chunks[0].id,
+            "text": "".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+            "finish": [c.choices[0].finish_reason for c in chunks if c.choices][-1],
+            "ended": time.monotonic(),
+        }
+
+    with FeatureStream(server.listening.features_url, {"phase": "all"}) as features:
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        side = None
+        if during is not None:
+            begun.wait(60)
+            side = during()
+        for t in threads:
+            t.join(120)
+        for g in got:
+            features.completion(g["id"])
+        for g in got:
+            g["records"] = features.records(g["id"])
+    return got, side
+
+
+def assert_replies_equal_alone(got, reference, chats, max_tokens) -> float:
+    worst = 0.0
+    for g, chat, n in zip(got, chats, max_tokens, strict=True):
+        w = reference.generate(chat, max_tokens=n, temperature=0.0).run()
+        assert g["text"] == w.text and g["finish"] == w.finish_reason
+        assert len(g["records"]) == len(w.records)
+        for r, a in zip(g["records"], w.records, strict=True):
+            assert (r["position"], r["phase"], r["token"], r["next_token"]) == (
+                a.position, a.phase, a.token, a.next_token,
+            )  # fmt: skip
+            assert [f["index"] for f in r["top_features"]] == [f.index for f in a.top_features]
+            acts = np.array([f["activation"] for f in r["top_features"]])
+            alone = np.array([f.activation for f in a.top_features])
+            np.testing.assert_allclose(acts, alone, rtol=1e-3, atol=1e-6)
+            if len(alone):
+                worst = max(worst, float(np.max(np.abs(acts - alone) / np.abs(alone))))
+    return worst
+
+
+def test_mlx_server_batches_and_worker_calls_between_steps_leave_replies_alone(
+    long_model, tiny_sae, mlx_reference
+) -> None:
+    """--max-batch 4 on MLX: five concurrent streaming chats decode together (widest batch 4) while
+    a /v1/features/capture (a worker call: its own forward passes through the hooked model) runs
+    between their steps; every text, finish reason and feature record equals the chat alone."""
+    import httpx
+
+    from neuroscope.server.run import BackgroundServer, ServeConfig
+
+    server = BackgroundServer(
+        mlx_loader(long_model, tiny_sae["npz"]),
+        ServeConfig(port=0, features_port=0, max_batch=4, keepalive_s=0.3, subscriber_queue=4096),
+    ).start()
+    try:
+
+        def capture():
+            url = server.listening.features_url + "/v1/features/capture"
+            r = httpx.post(url, json={"text": "The capital of France is Paris."}, timeout=60)
+            return r, time.monotonic()
+
+        got, (captured, at) = serve_chats(server, long_model, CHATS, MAX_TOKENS, during=capture)
+        assert server.engine is not None and server.engine.widest_batch == 4
+    finally:
+        server.stop()
+    assert captured.status_code == 200, captured.text
+    want = mlx_reference.capture("The capital of France is Paris.")
+    np.testing.assert_allclose(captured.json()["norms"], want.norms, atol=1e-5)
+    assert at < max(g["ended"] for g in got), "the capture ran while the chats were decoding"
+    worst = assert_replies_equal_alone(got, mlx_reference, CHATS, MAX_TOKENS)
+    print(f"\nMLX server, widest batch 4: worst relative activation gap {worst:.1e}")
+
+
+def test_mlx_server_one_at_a_time_still_serves(long_model, tiny_sae, mlx_reference) -> None:
+    """--max-batch 1 keeps the single-sequence loop (pipelined decode) on MLX."""
+    from neuroscope.server.run import BackgroundServer, ServeConfig
+
+    server = BackgroundServer(
+        mlx_loader(long_model, tiny_sae["npz"]),
+        ServeConfig(port=0, features_port=0, max_batch=1, keepalive_s=0.3, subscriber_queue=4096),
+    ).start()
+    try:
+        got, _ = serve_chats(server, long_model, CHATS[:2], MAX_TOKENS[:2])
+        assert server.engine is not None and server.engine.widest_batch == 0
+    finally:
+        server.stop()
+    assert_replies_equal_alone(got, mlx_reference, CHATS[:2], MAX_TOKENS[:2])
