@@ -5,6 +5,7 @@ One torch thread, the process's CPU time per step (so no waiting counts), greedy
 SAE of ``--width`` features at ``--layer``; tokens per CPU second = batch / step time:
 
     python -m benchmarks.batch_step --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --layer 15
+    python -m benchmarks.batch_step --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --backend mlx
 """
 
 from __future__ import annotations
@@ -25,24 +26,29 @@ def main(
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,2,4,8",
     steps: Annotated[int, typer.Option(help="Decode steps timed per batch size.")] = 16,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens of each (random) prompt.")] = 32,
+    backend_name: Annotated[
+        str, typer.Option("--backend", help="torch (one thread) or mlx.")
+    ] = "torch",
 ) -> None:
     """Print one JSON line per batch size: median CPU ms per step, tokens per CPU second."""
     import numpy as np
-    import torch
 
     from neuroscope import Session
     from neuroscope.backend import SamplingParams
     from neuroscope.loading import resolve_model
     from neuroscope.synthetic import build_random_sae
 
-    torch.set_num_threads(1)
+    if backend_name == "torch":
+        import torch
+
+        torch.set_num_threads(1)
     greedy = SamplingParams(temperature=0.0)
     with tempfile.TemporaryDirectory() as tmp:
         path = resolve_model(model).path
         hidden = json.loads((path / "config.json").read_text())["hidden_size"]
         sae = build_random_sae(tmp, d_model=hidden, width=width)
         with Session(
-            model=model, sae_local_path=str(sae["npz"]), layer=layer, backend="torch",
+            model=model, sae_local_path=str(sae["npz"]), layer=layer, backend=backend_name,
             dtype="float32",
         ) as s:  # fmt: skip
             backend = s.backend

@@ -412,7 +412,7 @@ class Session:
         same ``seed`` gives each the same draw as alone). Iterate or ``run()`` them in any order:
         reading one advances all of them. Options apply to every prompt as in ``generate``.
 
-        Backends that cannot batch (MLX so far) run the prompts one after another, in order.
+        Backends that cannot batch run the prompts one after another, in order.
         """
         if phase not in ("all", "prompt", "generation"):
             raise ConfigError(f"phase must be 'all', 'prompt' or 'generation', got {phase!r}.")
