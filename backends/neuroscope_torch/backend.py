@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,24 +86,68 @@ def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleL
     raise ModelLoadError(f"Cannot find the {num_layers} decoder blocks of {type(model).__name__}.")
 
 
-def _to_host(
-    top: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-) -> StepFeatures:
-    """Every layer's top-k in one device-to-host copy per kind, not two per layer: on an
-    accelerator each copy waits for the device, so a step with 26 hooked layers synchronised 52
-    times."""
-    if not top:
-        return {}
-    layers = list(top)
-    indices = torch.stack([top[layer][0] for layer in layers]).cpu().numpy()  # [layers, T, k]
-    values = torch.stack([top[layer][1].float() for layer in layers]).cpu().numpy()
-    out = {}
-    for i, layer in enumerate(layers):
-        watched = top[layer][2]  # the monitored features' activations, for steered requests only
-        out[layer] = LayerTopK(
-            indices[i], values[i], None if watched is None else watched.cpu().numpy()
-        )
+# (indices [T, k], float32 values [T, k], float32 watched activations [T, w] or None) per layer
+DeviceTop = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+# Above this many float32 numbers, the layers' activations are not stacked for one top-k (a long
+# prefill chunk with every layer hooked would copy gigabytes); one top-k per layer then.
+STACK_LIMIT = 1 << 24
+
+
+def _top_k_all(
+    acts: Mapping[int, torch.Tensor], k: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The top-k of every layer's activations [T, width]: one ``topk`` over the stacked layers per
+    SAE width (one kernel for 26 layers instead of 26), per layer where the stack would be large."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for layer, a in acts.items():
+        by_shape.setdefault(tuple(a.shape), []).append(layer)
+    for shape, layers in by_shape.items():
+        if len(layers) == 1 or len(layers) * int(np.prod(shape)) > STACK_LIMIT:
+            for layer in layers:
+                values, indices = acts[layer].topk(k, dim=-1)
+                out[layer] = (indices, values)
+            continue
+        values, indices = torch.stack([acts[layer] for layer in layers]).topk(k, dim=-1)
+        for i, layer in enumerate(layers):
+            out[layer] = (indices[i], values[i])
     return out
+
+
+def _to_host(top: DeviceTop, token: torch.Tensor | None = None) -> tuple[StepFeatures, int | None]:
+    """Every layer's top-k, the watched activations and the drawn token in ONE device-to-host copy
+    (on an accelerator each copy waits for the device: a step with 26 hooked layers used to wait
+    52 times, then once more for the token). All of it travels as int32: indices and the token as
+    numbers, float32 values bit-cast (exact)."""
+    if not top and token is None:
+        return {}, None
+    layers = list(top)
+    parts = []
+    for layer in layers:
+        indices, values, _ = top[layer]
+        parts += [indices.reshape(-1).to(torch.int32), values.float().reshape(-1).view(torch.int32)]
+    watched = {layer: w for layer in layers if (w := top[layer][2]) is not None}
+    parts += [w.float().reshape(-1).view(torch.int32) for w in watched.values()]
+    if token is not None:
+        parts.append(token.reshape(1).to(torch.int32))
+    host = torch.cat(parts).cpu().numpy()  # the step's one synchronisation
+    arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    at = 0
+    for layer in layers:
+        shape = tuple(top[layer][0].shape)
+        n = int(np.prod(shape))
+        arrays[layer] = (
+            host[at : at + n].astype(np.int64).reshape(shape),
+            host[at + n : at + 2 * n].view(np.float32).reshape(shape),
+        )
+        at += 2 * n
+    watched_host: dict[int, np.ndarray] = {}
+    for layer, w in watched.items():  # the monitored features' activations (steered requests)
+        watched_host[layer] = host[at : at + w.numel()].view(np.float32).reshape(tuple(w.shape))
+        at += w.numel()
+    features = {layer: LayerTopK(*arrays[layer], watched_host.get(layer)) for layer in layers}
+    return features, None if token is None else int(host[at])
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -122,6 +167,62 @@ class TorchSequence:
     position: int  # tokens in the cache
     logits: torch.Tensor  # float32 [vocab], of the last position
     steering: SequenceSteering | None = None  # this sequence's steering and monitors
+    # The next token, drawn on the device with the features of the step (one host copy for both)
+    # and returned by the next sample() without a mask; the generator's state before that draw,
+    # restored when the draw goes unused (a mask, or a token decoded that was not sampled), so the
+    # generator advances exactly as if sample() drew it then.
+    drawn: int | None = None
+    drawn_pending: bool = False  # drawn, not yet taken by sample()
+    drawn_state: torch.Tensor | None = None  # None for greedy sequences (no generator used)
+    drawn_device: torch.Tensor | None = None  # the drawn token on the device (fed back as is)
+
+
+def draw_token(
+    logits: torch.Tensor,
+    s: SamplingParams,
+    generator: torch.Generator,
+    allowed: np.ndarray | None = None,
+) -> torch.Tensor:
+    """The next token (a 0-d long tensor, on the logits' device) drawn from float32 ``logits``
+    [vocab]: greedy, or temperature, top-k and top-p with ``generator``; ``allowed`` masks."""
+    if allowed is not None:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        n = min(len(allowed), logits.shape[-1])
+        keep[:n] = torch.from_numpy(np.ascontiguousarray(allowed[:n])).to(logits.device)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if s.greedy:
+        return logits.argmax()
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+        drop[..., 0] = False  # the most likely token stays (a tiny top_p rounds to 0 in float32)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _concat_top(parts: list[DeviceTop]) -> DeviceTop:
+    """The device top-k of consecutive prefill chunks as one (positions in order)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+    return {
+        layer: (
+            torch.cat([p[layer][0] for p in parts]),
+            torch.cat([p[layer][1] for p in parts]),
+            cat([p[layer][2] for p in parts]),
+        )
+        for layer in parts[0]
+    }
 
 
 class TorchBackend(Backend):
@@ -151,6 +252,11 @@ class TorchBackend(Backend):
         self._top_k = 0
         self._seq: TorchSequence | None = None
         self._batch: Any = None  # neuroscope_torch.batch.TorchBatch, made on the first batched step
+        # Prompt tokens per forward pass of prefill (as MLX's): bounds the attention scores and
+        # the activations a long prompt holds at once; the chunks continue one cache, exactly.
+        self.prefill_step = 512
+        self._fast: Any = None  # neuroscope_torch.fast.FastDecode when the fast path is on
+        self.set_fast(os.environ.get("NEUROSCOPE_TORCH_FAST", "off"))
 
     @classmethod
     def load(
@@ -188,6 +294,25 @@ class TorchBackend(Backend):
     @property
     def device(self) -> str:
         return str(self._device)
+
+    @property
+    def fast(self) -> str:
+        """The single sequence's decode path: off (eager, growing cache), static (preallocated
+        cache), compile (static cache + ``torch.compile``; CUDA graphs on CUDA) or dynamo."""
+        return "off" if self._fast is None else self._fast.mode
+
+    def set_fast(self, mode: str) -> None:
+        """Choose the decode path (see ``fast``; ``NEUROSCOPE_TORCH_FAST`` sets it at load).
+        The current single sequence ends (its cache is of the other kind)."""
+        from neuroscope_torch.fast import MODES, FastDecode
+
+        if mode not in ("off", *MODES):
+            raise ConfigError(
+                f"The fast path must be one of off, {', '.join(MODES)}; not {mode!r} "
+                "(NEUROSCOPE_TORCH_FAST)."
+            )
+        self._seq = None
+        self._fast = None if mode == "off" else FastDecode(self, mode)
 
     def _hook(self, layer: int) -> ResidualHook:
         if layer not in self._hooks:
@@ -230,7 +355,7 @@ class TorchBackend(Backend):
         hooks: list[ResidualHook | SiteHook] = [*self._hooks.values(), *self._site_hooks.values()]
         for hook in hooks:
             hook.capture = False
-        self._saes = {layer: TorchSAE(sae, self._device) for layer, sae in saes.items()}
+        self._saes = {layer: TorchSAE(sae, self._device, self.dtype) for layer, sae in saes.items()}
         self._sites = {layer: sae.site for layer, sae in saes.items()}
         for layer, sae in saes.items():
             self._site_hook(layer, sae.site).capture = True
@@ -249,24 +374,39 @@ class TorchBackend(Backend):
             )
         self._hook(layer).add = torch.as_tensor(vector, device=self._device)
 
-    def _features(self, steering: SequenceSteering | None = None, first: int = 0) -> StepFeatures:
-        """Top-k of each hooked layer's captured residual (batch row 0), moved to the host.
+    def _device_top(self, steering: SequenceSteering | None = None, first: int = 0) -> DeviceTop:
+        """Top-k of each hooked layer's captured residual (batch row 0), still on the device.
 
         With steering, clamped features read their value at steered positions (from ``first``)
         and the watched features' full activations come along.
         """
-        top: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        acts: dict[int, torch.Tensor] = {}
+        watched: dict[int, torch.Tensor] = {}
         for layer, sae in self._saes.items():
-            residual = self._take(layer)[0]
-            if steering is None:
-                indices, values = sae.top_k(residual, self._top_k)
-                top[layer] = (indices, values, None)
-                continue
-            acts = steering.pin(layer, sae.encode(residual), first)
-            values, indices = acts.topk(self._top_k, dim=-1)
-            watched = steering.watched(layer)
-            top[layer] = (indices, values, None if watched is None else acts[:, watched])
-        return _to_host(top)
+            a = sae.encode(self._take(layer)[0])
+            if steering is not None:
+                a = steering.pin(layer, a, first)
+                w = steering.watched(layer)
+                if w is not None:
+                    watched[layer] = a[:, w]
+            acts[layer] = a
+        top = _top_k_all(acts, self._top_k)
+        return {layer: (*top[layer], watched.get(layer)) for layer in acts}
+
+    def _features(self, steering: SequenceSteering | None = None, first: int = 0) -> StepFeatures:
+        """``_device_top`` moved to the host in one copy."""
+        return _to_host(self._device_top(steering, first))[0]
+
+    def _finish(self, seq: TorchSequence, top: DeviceTop) -> StepFeatures:
+        """Draw ``seq``'s next token on the device and bring it to the host with the features, in
+        the step's one copy; ``sample()`` then returns it without waiting for the device."""
+        if seq.drawn_pending and seq.drawn_state is not None:
+            seq.generator.set_state(seq.drawn_state)  # the last draw went unused: undo it
+        seq.drawn_state = None if seq.sampling.greedy else seq.generator.get_state()
+        token = draw_token(seq.logits, seq.sampling, seq.generator)
+        features, seq.drawn = _to_host(top, token)
+        seq.drawn_pending, seq.drawn_device = True, token.reshape(1, 1)
+        return features
 
     def _forward(
         self,
@@ -312,19 +452,31 @@ class TorchBackend(Backend):
             generator.manual_seed(sampling.seed)
         else:
             generator.seed()
-        cache = DynamicCache(config=self.model_config)
+        if self._fast is not None:
+            cache = self._fast.new_cache(len(ids))
+        else:
+            cache = DynamicCache(config=self.model_config)
         steer = None if steering is None else SequenceSteering(steering, self._saes, self._device)
-        logits = self._forward(cache, 0, ids, steer)
-        self._seq = TorchSequence(cache, sampling, generator, len(ids), logits, steer)
-        return self._features(steer, 0)
+        step = max(1, self.prefill_step)
+        tops = []
+        for first in range(0, len(ids), step):  # chunked: the same cache, exact
+            logits = self._forward(cache, first, ids[first : first + step], steer)
+            tops.append(self._device_top(steer, first))
+        seq = TorchSequence(cache, sampling, generator, len(ids), logits, steer)
+        features = self._finish(seq, _concat_top(tops))
+        self._seq = seq
+        return features
 
     @torch.inference_mode()
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")
         ids = self._check_ids([token_id])
-        seq.logits = self._forward(seq.cache, seq.position, ids, seq.steering)
+        if self._fast is not None:
+            seq.logits = self._fast.decode(seq, ids[0])
+        else:
+            seq.logits = self._forward(seq.cache, seq.position, ids, seq.steering)
         seq.position += 1
-        return self._features(seq.steering, seq.position - 1)
+        return self._finish(seq, self._device_top(seq.steering, seq.position - 1))
 
     @property
     def last_logits(self) -> np.ndarray:
@@ -333,30 +485,20 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def sample(self, allowed: np.ndarray | None = None) -> int:
+        """The token drawn on the device with the last step (no wait), unless ``allowed`` rules it
+        out: greedy keeps it when allowed; a sampled one is drawn again from the masked logits
+        with the generator as it was before (a second device round trip, for masked steps only)."""
         seq = self._sequence("sample")
-        logits, s = seq.logits, seq.sampling
-        if allowed is not None:
-            keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            n = min(len(allowed), logits.shape[-1])
-            keep[:n] = torch.from_numpy(np.ascontiguousarray(allowed[:n])).to(logits.device)
-            logits = logits.masked_fill(~keep, float("-inf"))
-        if s.greedy:
-            return int(logits.argmax())
-        logits = logits / s.temperature
-        if s.top_k > 0:
-            kth = logits.topk(min(s.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(-1)
-        if s.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
-            drop[..., 0] = (
-                False  # the most likely token stays (a tiny top_p rounds to 0 in float32)
-            )
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+        if seq.drawn_pending and seq.drawn is not None:
+            seq.drawn_pending = False
+            token = seq.drawn
+            if allowed is None or (
+                seq.sampling.greedy and token < len(allowed) and bool(allowed[token])
+            ):
+                return token
+            if seq.drawn_state is not None:
+                seq.generator.set_state(seq.drawn_state)
+        return int(draw_token(seq.logits, seq.sampling, seq.generator, allowed))
 
     # -- continuous batching (neuroscope.batching; the machinery is in neuroscope_torch.batch) ----
 
@@ -402,7 +544,7 @@ class TorchBackend(Backend):
         return torch.cuda.max_memory_allocated(self._device) / 2**20
 
     def time_sae_encode(self, sae: SAE, k: int, min_seconds: float = 0.3) -> float | None:
-        device_sae = TorchSAE(sae, self._device)
+        device_sae = TorchSAE(sae, self._device, self.dtype)
         x = np.random.default_rng(0).standard_normal((1, sae.d_model)).astype(np.float32)
         residual = torch.from_numpy(x).to(device=self._device, dtype=self.dtype)
 
