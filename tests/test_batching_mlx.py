@@ -401,3 +401,60 @@ def test_mlx_server_one_at_a_time_still_serves(long_model, tiny_sae, mlx_referen
     finally:
         server.stop()
     assert_replies_equal_alone(got, mlx_reference, CHATS[:2], MAX_TOKENS[:2])
+
+
+# --- sliding layers hold only their window (issue 17) ---------------------------------------
+
+
+def test_sliding_layers_hold_only_the_window_and_stay_exact_far_past_it(
+    long_model, tiny_sae
+) -> None:
+    """A 300-token prompt (window 8) prefilled in chunks of 64 across window edges, then 270
+    decoded tokens, alone and in a batch that runs past the batch cache's cut (W - 1 + 256
+    columns): logits equal transformers' at every position, the batch equals alone, and sliding
+    layers hold at most W - 1 + chunk keys alone and W - 1 + 256 columns in the batch, while full
+    layers hold every token."""
+    import torch
+    from transformers import Gemma2ForCausalLM
+
+    from neuroscope_mlx.models.window import WindowBatchKVCache, WindowKVCache
+
+    window, steps = 8, 270
+    b = mlx_backend(long_model)
+    b.prefill_step = 64
+    b.set_saes({2: load_local(tiny_sae["npz"])}, top_k=8)
+    rng = np.random.default_rng(3)
+    long, short = rng.integers(10, 500, 300).tolist(), rng.integers(10, 500, 20).tolist()
+
+    tokens, feats = [], []
+    feats.append(b.prefill(long, GREEDY))
+    cache = b._seq.cache
+    assert [isinstance(c, WindowKVCache) for c in cache] == [True, False, True, False]
+    assert max(cache[0].keys.shape[2], cache[2].keys.shape[2]) <= window - 1 + 64
+    assert cache[1].offset >= 300  # (and the step scheduled ahead)
+    logits = [np.array(b.last_logits)]
+    tokens.append(b.sample())
+    for _ in range(steps):
+        feats.append(b.decode(tokens[-1]))
+        logits.append(np.array(b.last_logits))
+        tokens.append(b.sample())
+    assert (cache[0].keys.shape[2], cache[2].keys.shape[2]) == (window, window)
+
+    reference = Gemma2ForCausalLM.from_pretrained(
+        long_model, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        want = reference(torch.tensor([long + tokens[:-1]])).logits[0].numpy()
+    np.testing.assert_allclose(np.stack(logits), want[len(long) - 1 :], atol=1e-4)
+
+    state, widths = serve_batched(
+        b, [long, short], [GREEDY, GREEDY], steps, chunk=64, join_at=0, leave_at=10**6
+    )
+    assert max(widths) == 2
+    assert state[0]["tokens"] == tokens
+    for a, c in zip(feats, state[0]["feats"], strict=True):
+        np.testing.assert_array_equal(c[2].indices, a[2].indices)
+        np.testing.assert_allclose(c[2].activations, a[2].activations, rtol=1e-5)
+    sliding, full = b._batch.cache[0], b._batch.cache[1]
+    assert isinstance(sliding, WindowBatchKVCache)
+    assert sliding.size() <= window - 1 + 256 < steps < full.size()

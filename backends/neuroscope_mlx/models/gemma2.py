@@ -7,9 +7,10 @@ from the reference once a sequence is longer than the window. This file keeps ml
 
 - per-layer attention kind from ``layer_types``; a sliding layer sees key ``k`` from query ``q``
   iff ``q - W < k <= q`` (``W`` keys, itself included), in prefill and in decode;
-- a plain KV cache on every layer, so masks are built from absolute positions and stay exact for
-  any prompt length and decode position. Sliding layers read only the last ``W`` keys of it,
-  so their attention cost stays bounded; the memory they hold is the price of exactness;
+- masks built from absolute positions, exact for any prompt length, chunking and decode
+  position: a plain KV cache on full layers, and on sliding layers one that holds only the last
+  ``W`` keys (``window.WindowKVCache``, mlx-lm's rotating cache), so their attention cost and
+  memory stay bounded; in a batch, per-row masks from per-row offsets and left padding;
 - RMSNorm computed in float32 with ``(1 + w)`` and cast back, as transformers does;
 - the embedding normaliser ``sqrt(hidden_size)`` rounded to the model dtype, as Gemma does;
 - softcapping of attention logits and of final logits, ``query_pre_attn_scalar`` scaling.
@@ -18,6 +19,7 @@ from the reference once a sequence is longer than the window. This file keeps ml
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,6 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.cache import KVCache
+
+from neuroscope_mlx.models.window import WindowKVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -128,20 +132,32 @@ def batch_attention_span(
     return AttentionSpan(key_start, (visible[None] & real)[:, None, None])
 
 
-def layer_spans(n_queries: int, cache: Any | None, window: int | None) -> dict[str, AttentionSpan]:
-    """Each layer kind's span for ``n_queries`` new tokens after what ``cache`` (the first
-    layer's; every layer holds the same positions) holds: one sequence, or a left-padded batch."""
-    if cache is not None and isinstance(cache.offset, mx.array):  # a BatchKVCache: rows' offsets
-        length = cache.size()
-        return {
-            FULL: batch_attention_span(n_queries, length, cache.left_padding, None),
-            SLIDING: batch_attention_span(n_queries, length, cache.left_padding, window),
-        }
-    offset = cache.offset if cache is not None else 0
-    return {
-        FULL: attention_span(n_queries, offset, None),
-        SLIDING: attention_span(n_queries, offset, window),
-    }
+def layer_spans(
+    n_queries: int, caches: Sequence[Any | None], kinds: Sequence[str], window: int | None
+) -> dict[str, AttentionSpan]:
+    """Each layer kind's span for ``n_queries`` new tokens after what the caches hold (the first
+    layer of each kind tells for all of its kind): one sequence, or a left-padded batch.
+
+    A sliding layer's ``WindowKVCache`` hands over only the keys from the window's start on, so
+    its span reads them all (``key_start`` 0); the mask is the same, from absolute positions.
+    """
+    spans = {}
+    for kind in set(kinds):
+        cache = caches[list(kinds).index(kind)]
+        size = window if kind == SLIDING else None
+        if cache is not None and isinstance(cache.offset, mx.array):  # a batch: rows' offsets
+            spans[kind] = batch_attention_span(n_queries, cache.size(), cache.left_padding, size)
+            continue
+        span = attention_span(n_queries, cache.offset if cache is not None else 0, size)
+        if isinstance(cache, WindowKVCache):
+            span = AttentionSpan(0, span.mask)
+        spans[kind] = span
+    return spans
+
+
+def make_cache(kinds: Sequence[str], window: int | None) -> list[Any]:
+    """A plain KV cache for full layers; the last ``window`` keys only for sliding ones."""
+    return [WindowKVCache(window) if kind == SLIDING and window else KVCache() for kind in kinds]
 
 
 def softcap(x: mx.array, cap: float | None) -> mx.array:
@@ -233,11 +249,11 @@ class GemmaModel(nn.Module):
         # Gemma rounds the normaliser to the model dtype (sqrt(3584) is 60.0 in bfloat16).
         h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.layers)
-        spans = layer_spans(inputs.shape[1], caches[0], self.args.sliding_window)
-        # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
-        # so wrappers around them see the usual signature.
         kinds = self.args.layer_types
         assert kinds is not None
+        spans = layer_spans(inputs.shape[1], caches, kinds, self.args.sliding_window)
+        # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
+        # so wrappers around them see the usual signature.
         for layer, layer_type, c in zip(self.layers, kinds, caches, strict=True):
             h = layer(h, spans[layer_type], c)
         return self.norm(h)
@@ -263,5 +279,6 @@ class Model(nn.Module):
     def layers(self) -> list[Any]:  # blocks, or the hooks' wrappers around them
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list[Any]:
+        assert self.args.layer_types is not None
+        return make_cache(self.args.layer_types, self.args.sliding_window)

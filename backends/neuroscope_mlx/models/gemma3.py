@@ -34,6 +34,7 @@ from neuroscope_mlx.models.gemma2 import (
     AttentionSpan,
     RMSNorm,
     layer_spans,
+    make_cache,
     softcap,
 )
 
@@ -182,10 +183,10 @@ class Gemma3Model(nn.Module):
         # The normaliser in the model's dtype: exact in float32 (mlx-lm rounds it to bfloat16).
         h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         cache = cache or [None] * len(self.layers)
-        spans = layer_spans(inputs.shape[1], cache[0], self.args.sliding_window)
+        layer_types = self.args.layer_types or []
+        spans = layer_spans(inputs.shape[1], cache, layer_types, self.args.sliding_window)
         # Layers are called positionally as (h, span, cache), like mlx-lm's (h, mask, cache),
         # so wrappers around them see the usual signature.
-        layer_types = self.args.layer_types or []
         for layer, layer_type, c in zip(self.layers, layer_types, cache, strict=True):
             h = layer(h, spans[layer_type], c)
         return self.norm(h)
@@ -221,8 +222,8 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list[Any]:
+        return make_cache(self.args.layer_types or [], self.args.sliding_window)
 
 
 # --- Gemma 3 4B and larger: model_type "gemma3", a vision tower beside this text model ------------
@@ -270,5 +271,5 @@ class MultimodalModel(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.language_model.layers
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self) -> list[Any]:
         return self.language_model.make_cache()
