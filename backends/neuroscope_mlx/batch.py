@@ -9,8 +9,11 @@ Reused from mlx-lm 0.32 (``mlx_lm.models.cache``): ``BatchKVCache`` holds the ru
 rows left-padded to a common length with per-row offsets (``offset`` [B] = each row's own position,
 ``left_padding`` [B]). A newcomer's own ``KVCache`` becomes a one-row batch cache with the cache's
 ``merge`` and joins with ``extend`` (left padding either side); leavers go with ``filter`` (which
-also drops the left padding nobody needs any more). Every cache type of mlx-lm that has
-``merge``/``extend``/``filter`` works the same way. mlx-lm's models (Llama/SmolLM2 …) build their
+also drops the left padding nobody needs any more). Gemma 2/3's sliding layers hold only their
+window (``models/window.py``): their ``WindowKVCache`` merges into a ``BatchKVCache`` that cuts off
+the columns before the window. Other mlx-lm cache types with ``merge``/``extend``/``filter``
+(``RotatingKVCache`` → ``BatchRotatingKVCache``, ``ArraysCache``) go the same way, untested here; a
+model whose caches cannot merge is refused at ``start``. mlx-lm's models (Llama/SmolLM2 …) build their
 masks from the batch cache (``create_attention_mask`` → ``BatchKVCache.make_mask``: causal and not
 padding) and rotate with the per-row offsets (``mx.fast.rope`` takes an array offset: exact, the
 same numbers as a scalar offset per row). Our exact Gemma 2/3 (``models/gemma2.py``) read the same
