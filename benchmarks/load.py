@@ -7,13 +7,17 @@ with the official ``openai`` client (greedy, ``--max-tokens`` each). Per level:
 
 - aggregate tok/s: all completion tokens / the level's wall time (first request sent to last done);
 - per-request tok/s: a request's completion tokens / its whole wall time (median);
-- time to first token (TTFT): median and worst, from sending to the first content chunk.
+- time to first token (TTFT): median and worst, from sending to the first content chunk;
+- the CPU time this process spent on the level (server and clients, when the server runs here)
+  and tokens per CPU second: steadier than wall-clock figures on a machine shared with other work.
 
     python -m benchmarks.load --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --layer 15 \\
         --max-batch 1 --max-batch 8 --levels 1,2,4,8 --output load.json
 
 ``--url`` measures a server that is already running instead (``--max-batch`` is then whatever it
-was started with). Figures are wall-clock: on a shared machine other work inflates them.
+was started with; the CPU figures then count only the clients). Figures are wall-clock: on a shared
+machine other work inflates them. ``--threads 1`` keeps torch to one thread: where other jobs take
+cores, a second OpenMP thread that is descheduled stalls every parallel operation.
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[st
         results[i] = {"sent": sent, "first": first or done, "done": done, "tokens": tokens}
 
     threads = [threading.Thread(target=chat, args=(i,)) for i in range(level)]
+    cpu = time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cpu = time.process_time() - cpu  # this process's: the server's, when it runs here, + clients'
     wall = max(r["done"] for r in results) - min(r["sent"] for r in results)
     ttft = [r["first"] - r["sent"] for r in results]
     per_request = [r["tokens"] / (r["done"] - r["sent"]) for r in results]
@@ -83,6 +89,8 @@ def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[st
         "per_request_tok_s_median": round(statistics.median(per_request), 2),
         "ttft_s_median": round(statistics.median(ttft), 3),
         "ttft_s_worst": round(max(ttft), 3),
+        "process_cpu_s": round(cpu, 3),
+        "tok_per_process_cpu_s": round(total / cpu, 2) if cpu > 0 else None,
     }
 
 
@@ -109,13 +117,22 @@ def main(
     max_tokens: Annotated[int, typer.Option(help="Completion tokens asked per request.")] = 32,
     url: Annotated[str | None, typer.Option(help="Measure this running server instead.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads of the server (default: torch's, one per core)."),
+    ] = None,
 ) -> None:
     """Print one JSON line per level; write them all to --output."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     wanted = [int(n) for n in levels.split(",") if n.strip()]
     report: dict[str, Any] = {
         "model": model,
         "levels": wanted,
         "max_tokens": max_tokens,
+        "threads": threads,
         "runs": [],
     }
     if url is not None:

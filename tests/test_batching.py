@@ -244,6 +244,27 @@ def test_generate_many_equals_generate_alone(session) -> None:
     print(f"\ngenerate_many vs generate: worst relative activation difference {worst:.1e}")
 
 
+def test_wide_steps_on_packed_weights_equal_alone(session) -> None:
+    """Six requests decode together: on the CPU with MKL such steps multiply by MKL-packed
+    weights (``PackedLinears``, 5-8 rows); replies and records still equal each alone."""
+    prompts = [*PROMPTS, "Name three rivers.", "Count to five."]
+    want = [session.generate(p, max_tokens=8, temperature=0.0).run() for p in prompts]
+    got = session.generate_many(prompts, max_tokens=8, temperature=0.0, max_batch=6)
+    for g in got:
+        g.run()
+    batch = session.backend._batch
+    if not batch.packed.forwards:
+        pytest.skip("this torch has no MKL packed products (or the device is not the CPU)")
+    assert batch.packed.steps > 0
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        assert (g.text, g.finish_reason) == (w.text, w.finish_reason)
+        worst = max(worst, assert_same_records(
+            [anon(r) for r in g.records], [anon(r) for r in w.records]
+        ))  # fmt: skip
+    print(f"\npacked steps vs alone: worst relative activation difference {worst:.1e}")
+
+
 def test_join_midway_cancel_midway_steer_and_seed_stay_per_request(session) -> None:
     """Four requests in one scheduler (room for 3): a plain greedy one, a steered one with a
     monitor, a seeded sampled one that joins when the first finishes, and one cancelled after

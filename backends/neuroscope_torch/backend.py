@@ -527,7 +527,7 @@ class TorchBackend(Backend):
         from neuroscope_torch import batch
 
         if self._batch is None:
-            self._batch = batch.TorchBatch()
+            self._batch = batch.TorchBatch(self.model)
         return batch.decode(self, self._batch, seqs, token_ids)
 
     def sample_sequence(self, seq: TorchSequence, allowed: np.ndarray | None = None) -> int:
