@@ -342,3 +342,23 @@ def test_structured_output_and_sampling_stay_per_request_in_a_batch(session) -> 
     assert got_plain[0] == want_plain[0] and got_plain[0] != got_json[0]
     assert_same_records(got_json[1], want_json[1])
     assert_same_records(got_plain[1], want_plain[1])
+
+
+def test_growing_cache_layer_equals_concatenation() -> None:
+    """The batch's KV layer writes in place and doubles when full: what it returns after each
+    update is what transformers' concatenating DynamicLayer returns."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from neuroscope_torch.batch import GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    grown, plain = GrowingLayer(*first, spare=2), DynamicLayer()
+    plain.update(*first)
+    for n in (1, 1, 1, 4, 1, 9):  # past the spare columns, then past the doubled buffer
+        new = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
+        got, want = grown.update(*new), plain.update(*new)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        assert grown.get_seq_length() == plain.get_seq_length()

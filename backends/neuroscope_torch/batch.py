@@ -156,22 +156,23 @@ class GrowingLayer(DynamicLayer):
         self._values[..., : self._filled, :] = values
         self._views()
 
-    def _views(self) -> None:
-        self.keys = self._keys[..., : self._filled, :]
-        self.values = self._values[..., : self._filled, :]
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._keys[..., : self._filled, :], self._values[..., : self._filled, :]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
         if self._filled + n > self._keys.shape[-2]:  # full: double
-            grown = GrowingLayer(self.keys, self.values, spare=max(self._filled, n))
+            keys, values = self._views()
+            grown = GrowingLayer(keys, values, spare=max(self._filled, n))
             self._keys, self._values = grown._keys, grown._values
         self._keys[..., self._filled : self._filled + n, :] = key_states
         self._values[..., self._filled : self._filled + n, :] = value_states
         self._filled += n
-        self._views()
-        return self.keys, self.values
+        return self._views()
 
 
 class TorchBatch:
