@@ -123,9 +123,20 @@ def test_compiled_step_captures_hooks_in_few_graphs(backend, prompt_ids, tiny_sa
     counters.clear()
     backend.set_fast("dynamo")
     try:
-        generate(backend, prompt_ids, 40, SamplingParams(temperature=0), steering_plan(tiny_sae))
+        first = generate(
+            backend, prompt_ids, 40, SamplingParams(temperature=0), steering_plan(tiny_sae)
+        )
         steered_graphs = counters["stats"]["unique_graphs"]
+        cache = backend._seq.cache
         generate(backend, prompt_ids, 40, SamplingParams(temperature=0))
+        # the next request of the same size reuses the buffers (CUDA graphs replay, not re-record)
+        assert backend._seq.cache is cache
+        assert_same(
+            first,
+            generate(
+                backend, prompt_ids, 40, SamplingParams(temperature=0), steering_plan(tiny_sae)
+            ),
+        )
     finally:
         backend.set_fast("off")
     assert dict(counters["graph_break"]) == {}

@@ -56,6 +56,10 @@ class FastDecode:
         self.mode = mode
         self.cuda_graphs = False
         self._edits: tuple[Any, dict[int, Callable[[torch.Tensor], torch.Tensor]]] = (None, {})
+        # One cache per bucket, reused by the next sequence of that size: the buffers keep their
+        # addresses, so captured CUDA graphs replay instead of being recorded again per request
+        # (the backend holds one single sequence at a time; set_fast("off") frees them).
+        self._pool: dict[int, Any] = {}
         if mode == "compile":
             on_cuda = backend._device.type == "cuda"
             self.cuda_graphs = on_cuda
@@ -82,6 +86,10 @@ class FastDecode:
 
         b = self.backend
         capacity = capacity_for(tokens)
+        if capacity in self._pool:  # the same buffers as the last sequence of this size
+            cache = self._pool[capacity]
+            cache.reset()
+            return cache
         cache = Cache(
             layers=[StaticLayer(max_cache_len=capacity) for _ in range(b.info.num_layers)]
         )
@@ -92,6 +100,7 @@ class FastDecode:
         )
         cache.early_initialization(1, heads, head_dim, b.dtype, b._device)
         cache.neuroscope_capacity = capacity  # type: ignore[attr-defined]
+        self._pool[capacity] = cache
         return cache
 
     def reserve(self, seq: TorchSequence, tokens: int) -> None:
