@@ -6,6 +6,8 @@ as ``neuroscope serve``) with a random SAE of ``--width`` features at ``--layer`
 with the official ``openai`` client (greedy, ``--max-tokens`` each). Per level:
 
 - aggregate tok/s: all completion tokens / the level's wall time (first request sent to last done);
+  with ``--rounds N`` each of the level's clients sends N requests in turn, so replies that end
+  early are followed by others instead of leaving the batch to shrink (a steady load);
 - per-request tok/s: a request's completion tokens / its whole wall time (median);
 - time to first token (TTFT): median and worst, from sending to the first content chunk;
 - the CPU time this process spent on the level (server and clients, when the server runs here)
@@ -44,31 +46,38 @@ PROMPTS = [
 ]
 
 
-def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[str, Any]:
-    """``level`` concurrent streaming chats; their timings."""
+def run_level(
+    base_url: str, model: str, level: int, max_tokens: int, rounds: int = 1
+) -> dict[str, Any]:
+    """``level`` clients at once, each sending ``rounds`` streaming chats one after another (so
+    ``level`` requests are in flight until the first client is done); their timings."""
     import openai
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0, timeout=600)
     barrier = threading.Barrier(level)
-    results: list[dict[str, float]] = [{} for _ in range(level)]
+    results: list[list[dict[str, float]]] = [[] for _ in range(level)]
 
     def chat(i: int) -> None:
         barrier.wait()
-        sent = time.perf_counter()
-        first = None
-        stream = client.chat.completions.create(
-            model=model, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-            max_tokens=max_tokens, temperature=0,
-        )  # fmt: skip
-        tokens = 0
-        for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter()
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        done = time.perf_counter()
-        results[i] = {"sent": sent, "first": first or done, "done": done, "tokens": tokens}
+        for r in range(rounds):
+            sent = time.perf_counter()
+            first = None
+            prompt = PROMPTS[(i + r * level) % len(PROMPTS)]
+            stream = client.chat.completions.create(
+                model=model, stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=0,
+            )  # fmt: skip
+            tokens = 0
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            done = time.perf_counter()
+            results[i].append(
+                {"sent": sent, "first": first or done, "done": done, "tokens": tokens}
+            )
 
     threads = [threading.Thread(target=chat, args=(i,)) for i in range(level)]
     cpu = time.process_time()
@@ -77,12 +86,15 @@ def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[st
     for t in threads:
         t.join()
     cpu = time.process_time() - cpu  # this process's: the server's, when it runs here, + clients'
-    wall = max(r["done"] for r in results) - min(r["sent"] for r in results)
-    ttft = [r["first"] - r["sent"] for r in results]
-    per_request = [r["tokens"] / (r["done"] - r["sent"]) for r in results]
-    total = sum(int(r["tokens"]) for r in results)
+    requests = [r for mine in results for r in mine]
+    wall = max(r["done"] for r in requests) - min(r["sent"] for r in requests)
+    ttft = [r["first"] - r["sent"] for r in requests]
+    per_request = [r["tokens"] / (r["done"] - r["sent"]) for r in requests]
+    total = sum(int(r["tokens"]) for r in requests)
     return {
         "concurrency": level,
+        "rounds": rounds,
+        "requests": len(requests),
         "completion_tokens": total,
         "wall_s": round(wall, 3),
         "aggregate_tok_s": round(total / wall, 2),
@@ -94,11 +106,13 @@ def run_level(base_url: str, model: str, level: int, max_tokens: int) -> dict[st
     }
 
 
-def measure(base_url: str, model: str, levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
+def measure(
+    base_url: str, model: str, levels: list[int], max_tokens: int, rounds: int = 1
+) -> list[dict[str, Any]]:
     run_level(base_url, model, 1, 4)  # warm-up: first-call costs out of the figures
     rows = []
     for level in levels:
-        row = run_level(base_url, model, level, max_tokens)
+        row = run_level(base_url, model, level, max_tokens, rounds)
         typer.echo(json.dumps(row))
         rows.append(row)
     return rows
@@ -114,7 +128,14 @@ def main(
         list[int] | None, typer.Option(help="--max-batch of the server; repeat to compare.")
     ] = None,
     levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,2,4,8",
-    max_tokens: Annotated[int, typer.Option(help="Completion tokens asked per request.")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Completion tokens asked per request.")] = 128,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="Requests each client sends one after another (1: one burst of --levels "
+            "requests; more: the server stays loaded while early replies end)."
+        ),
+    ] = 1,
     url: Annotated[str | None, typer.Option(help="Measure this running server instead.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the figures here as JSON.")] = None,
     threads: Annotated[
@@ -132,11 +153,12 @@ def main(
         "model": model,
         "levels": wanted,
         "max_tokens": max_tokens,
+        "rounds": rounds,
         "threads": threads,
         "runs": [],
     }
     if url is not None:
-        report["runs"].append({"url": url, "rows": measure(url, model, wanted, max_tokens)})
+        report["runs"].append({"url": url, "rows": measure(url, model, wanted, max_tokens, rounds)})
     else:
         from neuroscope import Session
         from neuroscope.loading import resolve_model
@@ -162,7 +184,7 @@ def main(
                     assert server.listening is not None
                     typer.echo(f"--max-batch {batch}")
                     served = server.engine.info.model_name if server.engine else model
-                    rows = measure(server.listening.chat_url, served, wanted, max_tokens)
+                    rows = measure(server.listening.chat_url, served, wanted, max_tokens, rounds)
                 finally:
                     server.stop()
                 report["runs"].append({"max_batch": batch, "width": width, "rows": rows})
