@@ -203,11 +203,14 @@ class HostCopies:
 
 
 @pytest.mark.parametrize("fast", ["off", "static"])
-def test_one_host_copy_per_step(backend, prompt_ids, tiny_sae, fast, monkeypatch):
-    """Features of both hooked layers and the next token cross in one copy per step; sample()
-    then waits for nothing; a masked sample costs one more round trip (sampled) or none (greedy,
-    when the drawn token is allowed)."""
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "cpu-views"])
+def test_one_host_copy_per_step(backend, prompt_ids, tiny_sae, fast, pack, monkeypatch):
+    """Features of both hooked layers and the next token cross in one copy per step (packed: the
+    accelerators' path, forced here; on the CPU the features are numpy views and the token one
+    read); sample() then waits for nothing; a masked sample costs one more round trip (sampled)
+    or none (greedy, when the drawn token is allowed)."""
     backend.set_fast(fast)
+    monkeypatch.setattr(backend, "_pack", pack)
     try:
         for sampling in (SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=1)):
             backend.prefill(prompt_ids[:12], sampling, steering_plan(tiny_sae))
@@ -223,6 +226,7 @@ def test_one_host_copy_per_step(backend, prompt_ids, tiny_sae, fast, monkeypatch
             backend.decode(token)
             copies.take()
             monkeypatch.undo()
+            monkeypatch.setattr(backend, "_pack", pack)
     finally:
         backend.set_fast("off")
 

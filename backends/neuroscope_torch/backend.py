@@ -115,13 +115,26 @@ def _top_k_all(
     return out
 
 
-def _to_host(top: DeviceTop, token: torch.Tensor | None = None) -> tuple[StepFeatures, int | None]:
+# Pack the step's results into one copy on the CPU too (tests exercise the accelerators' path here).
+PACK_ON_CPU = False
+
+
+def _to_host(
+    top: DeviceTop, token: torch.Tensor | None = None, pack: bool = True
+) -> tuple[StepFeatures, int | None]:
     """Every layer's top-k, the watched activations and the drawn token in ONE device-to-host copy
     (on an accelerator each copy waits for the device: a step with 26 hooked layers used to wait
     52 times, then once more for the token). All of it travels as int32: indices and the token as
-    numbers, float32 values bit-cast (exact)."""
-    if not top and token is None:
-        return {}, None
+    numbers, float32 values bit-cast (exact). Without ``pack`` (CPU tensors: nothing to wait for,
+    nothing to copy), numpy views of the tensors themselves."""
+    if not pack or not top:
+        features = {
+            layer: LayerTopK(
+                indices.numpy(), values.float().numpy(), None if w is None else w.float().numpy()
+            )
+            for layer, (indices, values, w) in top.items()
+        }
+        return features, None if token is None else int(token)
     layers = list(top)
     parts = []
     for layer in layers:
@@ -174,7 +187,7 @@ class TorchSequence:
     drawn: int | None = None
     drawn_pending: bool = False  # drawn, not yet taken by sample()
     drawn_state: torch.Tensor | None = None  # None for greedy sequences (no generator used)
-    drawn_device: torch.Tensor | None = None  # the drawn token on the device (fed back as is)
+    drawn_device: torch.Tensor | None = None  # the drawn token (0-d) on the device, fed back
 
 
 def draw_token(
@@ -255,6 +268,7 @@ class TorchBackend(Backend):
         # Prompt tokens per forward pass of prefill (as MLX's): bounds the attention scores and
         # the activations a long prompt holds at once; the chunks continue one cache, exactly.
         self.prefill_step = 512
+        self._pack = device.type != "cpu" or PACK_ON_CPU  # see _to_host
         self._fast: Any = None  # neuroscope_torch.fast.FastDecode when the fast path is on
         self.set_fast(os.environ.get("NEUROSCOPE_TORCH_FAST", "off"))
 
@@ -395,7 +409,7 @@ class TorchBackend(Backend):
 
     def _features(self, steering: SequenceSteering | None = None, first: int = 0) -> StepFeatures:
         """``_device_top`` moved to the host in one copy."""
-        return _to_host(self._device_top(steering, first))[0]
+        return _to_host(self._device_top(steering, first), pack=self._pack)[0]
 
     def _finish(self, seq: TorchSequence, top: DeviceTop) -> StepFeatures:
         """Draw ``seq``'s next token on the device and bring it to the host with the features, in
@@ -404,8 +418,8 @@ class TorchBackend(Backend):
             seq.generator.set_state(seq.drawn_state)  # the last draw went unused: undo it
         seq.drawn_state = None if seq.sampling.greedy else seq.generator.get_state()
         token = draw_token(seq.logits, seq.sampling, seq.generator)
-        features, seq.drawn = _to_host(top, token)
-        seq.drawn_pending, seq.drawn_device = True, token.reshape(1, 1)
+        features, seq.drawn = _to_host(top, token, self._pack)
+        seq.drawn_pending, seq.drawn_device = True, token
         return features
 
     def _forward(

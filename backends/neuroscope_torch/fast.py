@@ -123,7 +123,7 @@ class FastDecode:
         b = self.backend
         self.reserve(seq, 1)
         if seq.drawn_device is not None and seq.drawn == token_id:
-            ids = seq.drawn_device  # the token drawn on the device goes back without a copy
+            ids = seq.drawn_device.view(1, 1)  # the drawn token goes back without a copy
         else:
             ids = torch.tensor([[token_id]], device=b._device)
         positions = torch.full((1, 1), seq.position, device=b._device)
