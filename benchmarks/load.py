@@ -16,6 +16,8 @@ with the official ``openai`` client (greedy, ``--max-tokens`` each). Per level:
     python -m benchmarks.load --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --layer 15 \\
         --max-batch 1 --max-batch 8 --levels 1,2,4,8 --output load.json
 
+(``--backend mlx`` for the MLX backend.)
+
 ``--url`` measures a server that is already running instead (``--max-batch`` is then whatever it
 was started with; the CPU figures then count only the clients). Figures are wall-clock: on a shared
 machine other work inflates them. ``--threads 1`` keeps torch to one thread: where other jobs take
@@ -142,6 +144,9 @@ def main(
         int | None,
         typer.Option(help="torch threads of the server (default: torch's, one per core)."),
     ] = None,
+    backend_name: Annotated[
+        str, typer.Option("--backend", help="Backend of the server: torch or mlx.")
+    ] = "torch",
 ) -> None:
     """Print one JSON line per level; write them all to --output."""
     if threads is not None:
@@ -155,6 +160,7 @@ def main(
         "max_tokens": max_tokens,
         "rounds": rounds,
         "threads": threads,
+        "backend": backend_name,
         "runs": [],
     }
     if url is not None:
@@ -175,7 +181,7 @@ def main(
                 def load() -> Session:
                     return Session(
                         model=model, sae_local_path=str(sae["npz"]), layer=layer,
-                        backend="torch", dtype="float32",
+                        backend=backend_name, dtype="float32",
                     )  # fmt: skip
 
                 config = ServeConfig(port=0, features_port=0, max_batch=batch)
