@@ -29,6 +29,13 @@ def main(
     backend_name: Annotated[
         str, typer.Option("--backend", help="torch (one thread) or mlx.")
     ] = "torch",
+    load_format: Annotated[
+        str, typer.Option(help="auto, or dummy (random weights: a preset name or a folder).")
+    ] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    clock: Annotated[
+        str, typer.Option(help="cpu (process time, for a shared CPU) or wall (on a GPU).")
+    ] = "cpu",
 ) -> None:
     """Print one JSON line per batch size: median CPU ms per step, tokens per CPU second."""
     import numpy as np
@@ -43,13 +50,15 @@ def main(
 
         torch.set_num_threads(1)
     greedy = SamplingParams(temperature=0.0)
+    # decode_batch returns host features: the wall clock includes the device's work
+    now = time.process_time if clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
-        path = resolve_model(model).path
+        path = resolve_model(model, load_format).path  # type: ignore[arg-type]
         hidden = json.loads((path / "config.json").read_text())["hidden_size"]
         sae = build_random_sae(tmp, d_model=hidden, width=width)
         with Session(
             model=model, sae_local_path=str(sae["npz"]), layer=layer, backend=backend_name,
-            dtype="float32",
+            dtype=dtype, load_format=load_format,  # type: ignore[arg-type]
         ) as s:  # fmt: skip
             backend = s.backend
             vocab = backend.info.vocab_size
@@ -65,14 +74,14 @@ def main(
                 times = []
                 for _ in range(steps + 2):
                     tokens = [backend.sample_sequence(q) for q in seqs]  # type: ignore[attr-defined]
-                    start = time.process_time()
+                    start = now()
                     backend.decode_batch(seqs, tokens)  # type: ignore[attr-defined]
-                    times.append(time.process_time() - start)
+                    times.append(now() - start)
                 step = statistics.median(times[2:])
                 rate = size / step
                 base = base or rate
                 print(json.dumps({
-                    "batch": size, "cpu_ms_per_step": round(step * 1000, 2),
+                    "batch": size, "clock": clock, "cpu_ms_per_step": round(step * 1000, 2),
                     "tok_per_cpu_s": round(rate, 1), "vs_batch_1": round(rate / base, 2),
                 }))  # fmt: skip
 
