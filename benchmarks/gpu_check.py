@@ -145,9 +145,14 @@ def _fast_parity(session: Any, mode: str, tokens: int) -> dict[str, Any]:
     }
 
 
-def _section(result: dict[str, Any], name: str, fn: Any) -> Any:
-    """Run one section; record its figures, or its error, and its wall time."""
+def _section(result: dict[str, Any], name: str, fn: Any, deadline: float = float("inf")) -> Any:
+    """Run one section; record its figures, or its error, and its wall time; skip it past the
+    deadline (a ``time.perf_counter`` value) so the JSON is written before the run's limit."""
     t = time.perf_counter()
+    if t > deadline:
+        result[name] = {"skipped": "past --budget-s"}
+        _log(f"{name}: skipped, past the time budget")
+        return result[name]
     try:
         result[name] = fn()
     except Exception as e:  # one failing section must not cost the others' figures
@@ -266,6 +271,9 @@ def main(
     probe_dir: Annotated[
         Path | None, typer.Option(help="A copy of /work/shared/gpu-probe to run its probe too.")
     ] = None,
+    budget_s: Annotated[
+        float, typer.Option(help="Start no section after this many seconds (the JSON is kept).")
+    ] = 480.0,
 ) -> None:
     """Run every check above in one process and write one JSON file."""
     from neuroscope.bench import machine_info
@@ -273,6 +281,7 @@ def main(
     from neuroscope.session import Session
 
     started = time.perf_counter()
+    deadline = started + budget_s
     result: dict[str, Any] = {"machine": machine_info(), "command": sys.argv}
     folder = resolve_model(model, "dummy").path
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -304,14 +313,14 @@ def main(
         type(session.backend).load(session.resolved.path, dummy_weights=True)
         return time.perf_counter() - t  # the model alone, warm caches
 
-    _section(result, "dummy_load_s", dummy_alone)
+    _section(result, "dummy_load_s", dummy_alone, deadline)
     all_saes, all_layers = session.saes, session.layers
     torch_backend: Any = session.backend  # set_fast: the torch backend's own
 
     def with_saes(chosen: dict[int, Any], name: str, fn: Any) -> None:
         session.saes, session.layers = chosen, list(chosen)
         try:
-            _section(result, name, fn)
+            _section(result, name, fn, deadline)
         finally:
             session.saes, session.layers = all_saes, all_layers
         save()
@@ -351,10 +360,12 @@ def main(
     gc.collect()
     if batches and backend == "torch":
         dtype = str(result["dtype"]).replace("torch.", "")
-        _section(result, "batching", lambda: _batch_levels(folder, one_layer, batches, dtype))
+        _section(
+            result, "batching", lambda: _batch_levels(folder, one_layer, batches, dtype), deadline
+        )
         save()
     if probe_dir is not None:
-        _section(result, "probe", lambda: _probe(probe_dir))
+        _section(result, "probe", lambda: _probe(probe_dir), deadline)
     save()
     _log(f"summary: {json.dumps(result['summary'])}")
     _log(f"wrote {out} ({result['wall_s']:.0f} s in all)")
