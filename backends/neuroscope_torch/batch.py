@@ -72,15 +72,16 @@ class PackedLinears:
     ``FROM``..``ROWS`` rows (padded to ``ROWS``): MKL multiplies such a step's few rows by a weight
     it packed once for that row count faster than by the plain weight, which it repacks on every
     call (SmolLM2-135M, one thread, context 100: a step of 8 rows 100-113 ms plain, 86-100 ms
-    packed; below 5 rows the padding costs more than it saves). It doubles the linear weights'
-    memory, so only models whose linear weights take at most ``BUDGET`` bytes are packed (the
-    small models a CPU serves); elsewhere, and where torch has no MKL, nothing changes. The packed
+    packed; below 5 rows the padding costs more than it saves). MKL's packed format takes more
+    room than the weights (SmolLM2-135M: 540 MB of weights, +820 MB resident), so only models
+    whose linear weights take at most ``BUDGET`` bytes are packed (the small models a CPU serves);
+    elsewhere, and where torch has no MKL, nothing changes. The packed
     product (``torch.ops.mkl._mkl_linear``, what torch.compile's CPU freezing pass emits) sums
     in another order: results agree with the plain product to float32 rounding."""
 
     ROWS = 8
     FROM = 5
-    BUDGET = 1 << 30
+    BUDGET = 768 << 20
 
     def __init__(self, model: torch.nn.Module):
         self.forwards: dict[torch.nn.Linear, Any] = {}
@@ -98,9 +99,10 @@ class PackedLinears:
             return
         try:
             for m in linears:
-                weight = m.weight.detach()
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), self.ROWS)
-                self.forwards[m] = _packed_forward(weight, m.bias, packed, self.ROWS)
+                # (from a row-major copy, dropped once packed; the forward holds the parameter)
+                row_major = m.weight.detach().contiguous()
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(row_major, self.ROWS)
+                self.forwards[m] = _packed_forward(m.weight, m.bias, packed, self.ROWS)
         except RuntimeError:  # a torch whose MKL ops refuse: keep the plain products
             self.forwards = {}
 
@@ -181,8 +183,8 @@ class TorchBatch:
     ``PackedLinears``)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.packed = PackedLinears(model)  # (before the weights change layout: it reads them)
         column_major_linears(model)
+        self.packed = PackedLinears(model)
         self.rows: list[TorchSequence] = []
         self.cache: Any = None  # a DynamicCache of GrowingLayers [rows, heads, L, head_dim]
         self.mask: torch.Tensor | None = None  # long [rows, L], 1 where a real token is cached
