@@ -73,7 +73,7 @@ class PackedLinears:
     it packed once for that row count faster than by the plain weight, which it repacks on every
     call (SmolLM2-135M, one thread, context 100: a step of 8 rows 100-113 ms plain, 86-100 ms
     packed; below 5 rows the padding costs more than it saves). MKL's packed format takes more
-    room than the weights (SmolLM2-135M: 540 MB of weights, +820 MB resident), so only models
+    room than the weights (SmolLM2-135M: 540 MB of weights, ~+800 MB resident), so only models
     whose linear weights take at most ``BUDGET`` bytes are packed (the small models a CPU serves);
     elsewhere, and where torch has no MKL, nothing changes. The packed
     product (``torch.ops.mkl._mkl_linear``, what torch.compile's CPU freezing pass emits) sums
