@@ -324,3 +324,20 @@ def test_smollm2_fast_decode_equals_eager(tmp_path_factory):
     eager = generate(backend, ids, 24, sampling, steering)
     backend.set_fast("dynamo")
     assert_same(eager, generate(backend, ids, 24, sampling, steering))
+
+
+def test_gemma3_fast_decode_equals_eager(tmp_path_factory):
+    """The tiny Gemma 3 (sliding layers with their own rope, window 8): 30 sampled tokens on the
+    fast path (dynamo) equal the eager path's, SAEs at a sliding and a global layer."""
+    from neuroscope.synthetic import build_random_sae, build_tiny_gemma3
+    from neuroscope_torch import TorchBackend
+
+    folder = build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3-fast"))
+    sae = load_local(build_random_sae(tmp_path_factory.mktemp("g3-sae"), 80, 256)["npz"])
+    backend = TorchBackend.load(folder, dtype="float32")
+    backend.set_saes({1: sae, 5: sae}, top_k=K)
+    ids = [2, *np.random.default_rng(1).integers(6, 512, size=30).tolist()]
+    sampling = SamplingParams(temperature=0.8, seed=5)
+    eager = generate(backend, ids, 30, sampling)
+    backend.set_fast("dynamo")
+    assert_same(eager, generate(backend, ids, 30, sampling))
