@@ -56,14 +56,15 @@ def column_major_linears(model: torch.nn.Module) -> None:
     values, another memory order) on the CPU. MKL multiplies a few rows by a row-major weight
     through a path that is slow for 2-16 rows (a batched decode step): on SmolLM2-135M, one torch
     thread, 8 rows cost 114 ms of matrix products that way and 72-91 ms column-major, while 1 row
-    and 256 rows (a prefill chunk) cost the same either way. Tied weights are changed once."""
+    and 256 rows (a prefill chunk) cost the same either way. Tied weights are changed once; other
+    dtypes (not MKL's sgemm) and devices are left alone."""
     seen: set[int] = set()
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear) or id(module.weight) in seen:
             continue
         seen.add(id(module.weight))
         w = module.weight
-        if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous():
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
             w.data = w.data.T.contiguous().T
 
 
