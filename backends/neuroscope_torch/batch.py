@@ -10,14 +10,18 @@ query and its keys alike.
 
 A newcomer's prompt is prefilled alone, in chunks (``prefill_chunk``: each chunk continues its own
 cache at its own positions, so the attention is that of one prefill), and merged into the batch
-before its first decode, by left-padding either side to the longer length; a row that
-leaves is dropped with ``batch_select_indices`` and columns that became all padding are trimmed.
+before its first decode, by left-padding either side to the longer length; rows that leave are
+dropped and columns that became all padding are trimmed. Each layer of the batch's cache is a
+``GrowingLayer``: a step's keys and values are written in place, not concatenated.
 
-Reused from transformers: ``DynamicCache``/``DynamicLayer`` (their tensors and
-``batch_select_indices``) and the masking utilities. Not reused: ``generation.continuous_batching``
-(its manager owns the generation loop and sampling, and packs all requests into one flattened
-sequence over paged attention, where the hooks would have to un-pack rows by offsets); see
-/work/notes/issue-13.md for the way towards it.
+Reused from transformers: ``DynamicCache``/``DynamicLayer`` and the masking utilities. Not reused:
+``generation.continuous_batching`` (its manager owns the generation loop and sampling, and packs
+all requests into one flattened sequence over paged attention, where the hooks would have to
+un-pack rows by offsets); see docs/batching.md.
+
+On the CPU the first batched step rearranges the linear weights for small batches
+(``column_major_linears``, ``PackedLinears``): there a step of a few rows is bound by MKL's
+matrix products, not by reading the weights.
 
 The cache without a config keeps every token of sliding layers (more memory than the single
 sequence path's sliding layers, exact all the same).
