@@ -292,6 +292,9 @@ def generation_steps(
     as long as this sequence; its monitors yield a ``MonitorEvent`` after the record of the position
     where they fire, and a ``stop`` monitor ends the generation there (finish reason ``monitor``).
     """
+    if should_stop():  # cancelled while it waited for its turn: spend no prefill on it
+        yield GenerationComplete(request_id, "cancelled", len(prompt_ids), 0)
+        return
     features = yield PrefillStep(prompt_ids, sampling, steering)
     assert features is not None, "send the features of a PrefillStep"
     monitors = MonitorWatch(steering, request_id) if steering and steering.monitors else None

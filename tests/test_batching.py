@@ -308,6 +308,28 @@ def test_join_midway_cancel_midway_steer_and_seed_stay_per_request(session) -> N
     assert batch.idle
 
 
+def test_a_request_cancelled_while_it_waits_is_never_prefilled(session) -> None:
+    """Room for one: the second request is cancelled while the first decodes; when its turn
+    comes it ends "cancelled" with no prompt records and no prefill chunk spent on it."""
+    kw = {"max_tokens": 6, "temperature": 0.0}
+    batch = BatchScheduler(session.backend, max_batch=1, prefill_chunk=4)
+    cancel = {"now": False}
+    first = session.events(session.encode(PROMPTS[0]), batch=batch, **kw)
+    waiting = session.events(
+        session.encode(PROMPTS[1]), batch=batch, should_stop=lambda: cancel["now"], **kw
+    )
+    got_first = split(first)
+    chunks = batch.chunks_run
+    cancel["now"] = True
+    text, records, _, finish = split(waiting)
+    assert (text, records, finish) == ("", [], "cancelled")
+    assert batch.chunks_run == chunks  # its 23-token prompt would have taken 6 chunks of 4
+    want_first = alone(session, PROMPTS[0], **kw)
+    assert got_first[0] == want_first[0]
+    assert_same_records(got_first[1], want_first[1])
+    assert batch.idle
+
+
 def test_an_abandoned_request_leaves_the_batch(session) -> None:
     batch = BatchScheduler(session.backend, max_batch=2)
     kw = {"max_tokens": 8, "temperature": 0.0}
