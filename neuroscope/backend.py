@@ -79,6 +79,23 @@ class LayerTopK:
 StepFeatures = dict[int, LayerTopK]  # layer -> top-k for the positions just processed
 
 
+def concat_features(parts: Sequence[StepFeatures]) -> StepFeatures:
+    """The features of consecutive passes over one sequence (prefill chunks) as those of one
+    pass: every layer's positions in order."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {}
+    for layer in parts[0]:
+        rows = [p[layer] for p in parts]
+        watched = [r.watched for r in rows if r.watched is not None]
+        joined[layer] = LayerTopK(
+            np.concatenate([r.indices for r in rows]),
+            np.concatenate([r.activations for r in rows]),
+            np.concatenate(watched) if len(watched) == len(rows) else None,
+        )
+    return joined
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """Per-feature reductions of one batch of sequences at one layer, computed on the device.

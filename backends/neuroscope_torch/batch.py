@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures
+from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures, concat_features
 from neuroscope_torch.backend import TorchSequence
 
 if TYPE_CHECKING:
@@ -292,25 +292,7 @@ def prefill_chunk(
     if seq.position < len(seq.prompt):
         return None
     parts, seq.prompt, seq.prompt_features = seq.prompt_features, None, []
-    return _concat(parts)
-
-
-def _concat(parts: list[StepFeatures]) -> StepFeatures:
-    """The features of consecutive chunks as those of one prefill (positions in order)."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
-
-    return {
-        layer: LayerTopK(
-            np.concatenate([p[layer].indices for p in parts]),
-            np.concatenate([p[layer].activations for p in parts]),
-            cat([p[layer].watched for p in parts]),
-        )
-        for layer in parts[0]
-    }
+    return concat_features(parts)
 
 
 @torch.inference_mode()
