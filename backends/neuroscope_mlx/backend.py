@@ -26,12 +26,13 @@ from neuroscope.backend import (
     ModelInfo,
     SamplingParams,
     StepFeatures,
+    concat_features,
     median_seconds,
 )
 from neuroscope.errors import ConfigError
 from neuroscope.sae import SAE
 from neuroscope_mlx import batch
-from neuroscope_mlx.batch import MLXBatch, MLXBatchSequence, join_steps
+from neuroscope_mlx.batch import MLXBatch, MLXBatchSequence
 from neuroscope_mlx.hooks import install_hooks
 from neuroscope_mlx.loading import load_folder, resolve_dtype
 from neuroscope_mlx.sae import MLXSAE, top_k
@@ -212,7 +213,7 @@ class MLXBackend(Backend):
         self.last_residuals = {
             layer: np.concatenate([s[1][layer] for s in steps]) for layer in self._recorded
         }
-        return join_steps([s[0] for s in steps])
+        return concat_features([s[0] for s in steps])
 
     def decode(self, token_id: int) -> StepFeatures:
         seq = self._sequence("decode")

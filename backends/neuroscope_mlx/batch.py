@@ -45,7 +45,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures
+from neuroscope.backend import LayerTopK, SamplingParams, StepFeatures, concat_features
 from neuroscope.errors import ConfigError
 from neuroscope_mlx.sae import top_k
 from neuroscope_mlx.sampling import sample_token
@@ -141,27 +141,9 @@ def prefill_chunk(
     mx.eval(seq.next_token, seq.logits, features)
     seq.chunks.append(backend._to_host(features)[0])
     seq.prefilled = seq.position = len(ids)
-    joined = join_steps(seq.chunks)
+    joined = concat_features(seq.chunks)
     seq.chunks = []
     return joined
-
-
-def join_steps(steps: Sequence[StepFeatures]) -> StepFeatures:
-    """The features of consecutive passes over a prompt as one (positions in order)."""
-    out = {}
-    for layer in steps[0]:
-        parts = [s[layer] for s in steps]
-        watched = [p.watched for p in parts]
-        out[layer] = LayerTopK(
-            indices=np.concatenate([p.indices for p in parts]),
-            activations=np.concatenate([p.activations for p in parts]),
-            watched=(
-                None
-                if watched[0] is None
-                else np.concatenate([w for w in watched if w is not None])
-            ),
-        )
-    return out
 
 
 class MLXBatch:
