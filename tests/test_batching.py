@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 import pytest
+from batching_support import assert_batched_equals_alone
 from conftest import LONG_PROMPT, TINY_LAYER, requires_torch
 
 from neuroscope import Session
@@ -73,70 +74,23 @@ def alone(session, prompt, **kw):
     return split(session.events(session.encode(prompt), **kw))
 
 
-def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae) -> None:
-    """The torch backend itself: two hooked layers, prompts of 5, 23 and 14 tokens (window 8)
-    prefilled in chunks of 4, the third joining at step 4, the second leaving at step 7."""
+@pytest.mark.parametrize("chunk", [4, 512])
+def test_backend_batched_steps_equal_alone_on_two_layers(tiny_model, tiny_sae, chunk) -> None:
+    """The torch backend itself: SAEs on a full (1) and a sliding (3) layer; prompts of 5, 23, 14
+    and 40 tokens (window 8), two joining at step 2 prefilled 4 tokens per step (or at once), one
+    seeded sampled; the second leaves at step 9."""
     from neuroscope_torch import TorchBackend
 
     b = TorchBackend.load(tiny_model, dtype="float32")
     sae = load_local(tiny_sae["npz"])
     b.set_saes({1: sae, 3: sae}, top_k=8)
-    greedy = SamplingParams(temperature=0)
+    greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=7)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, 500, n).tolist() for n in (5, 23, 14)]
-    steps = 12
-
-    def serve_alone(p):
-        feats = [b.prefill(p, greedy)]
-        tokens = [b.sample()]
-        for _ in range(steps):
-            feats.append(b.decode(tokens[-1]))
-            tokens.append(b.sample())
-        return tokens, feats
-
-    ref = [serve_alone(p) for p in prompts]
-    state: dict[int, dict] = {}
-
-    def begin(i):
-        seq = b.start(prompts[i], greedy)
-        f = None
-        while f is None:  # in chunks of 4 tokens, fewer than the window
-            f = b.prefill_chunk(seq, 4)
-        state[i] = {"seq": seq, "tokens": [b.sample_sequence(seq)], "feats": [f]}
-
-    begin(0)
-    begin(1)
-    widths = []
-    for step in range(steps + 4):
-        if step == 4:
-            begin(2)
-        if step == 7:
-            del state[1]
-        active = [i for i in state if len(state[i]["tokens"]) <= steps]
-        if not active:
-            break
-        widths.append(len(active))
-        out = b.decode_batch(
-            [state[i]["seq"] for i in active], [state[i]["tokens"][-1] for i in active]
-        )
-        for i, f in zip(active, out, strict=True):
-            state[i]["feats"].append(f)
-            state[i]["tokens"].append(b.sample_sequence(state[i]["seq"]))
-    assert max(widths) == 3 and 1 in widths
-    worst = 0.0
-    for i, s in state.items():
-        tokens, feats = ref[i]
-        assert s["tokens"] == tokens[: len(s["tokens"])]
-        assert len(s["tokens"]) == steps + 1
-        for a, c in zip(feats, s["feats"], strict=False):
-            for layer in (1, 3):
-                np.testing.assert_array_equal(c[layer].indices, a[layer].indices)
-                np.testing.assert_allclose(c[layer].activations, a[layer].activations, rtol=1e-4)
-                rel = np.abs(c[layer].activations - a[layer].activations) / np.abs(
-                    a[layer].activations
-                )
-                worst = max(worst, float(rel.max()))
-    print(f"\nbatched vs alone, worst relative activation difference: {worst:.1e}")
+    prompts = [rng.integers(10, 500, n).tolist() for n in (5, 23, 14, 40)]
+    worst = assert_batched_equals_alone(
+        b, prompts, [greedy, greedy, seeded, greedy], (1, 3), chunk=chunk
+    )
+    print(f"\nbatched vs alone (chunk {chunk}), worst relative activation difference: {worst:.1e}")
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8])
@@ -163,7 +117,7 @@ def test_chunked_prefill_equals_one_prefill(session, chunk) -> None:
             got = b.prefill_chunk(seq, chunk)
             fed += 1
         assert fed == -(-len(ids) // chunk)
-        np.testing.assert_allclose(seq.logits.numpy(), want_logits, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(seq.logits), want_logits, rtol=1e-4, atol=1e-5)
         tokens = [b.sample_sequence(seq)]
         steps = []
         for _ in range(3):

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from batching_support import (
+    assert_batched_equals_alone,
+    assert_stream_records_equal,
+    serve_alone,
+    serve_batched,
+)
 from conftest import TINY_LAYER, requires_mlx
 from gguf_models import smollm2_gguf
 
@@ -23,6 +29,7 @@ from test_batching import (  # noqa: F401
     STEER,
     test_a_long_prompt_is_prefilled_between_the_running_decodes,
     test_an_abandoned_request_leaves_the_batch,
+    test_chunked_prefill_equals_one_prefill,
     test_generate_many_equals_generate_alone,
     test_join_midway_cancel_midway_steer_and_seed_stay_per_request,
     test_structured_output_and_sampling_stay_per_request_in_a_batch,
@@ -52,84 +59,6 @@ def mlx_backend(folder: Path):
     from neuroscope_mlx import MLXBackend
 
     return MLXBackend.load(folder, dtype="float32")
-
-
-def serve_alone(b, prompt, sampling, steps):
-    """(tokens, features per step) of ``prompt`` on the backend's single-sequence path."""
-    feats = [b.prefill(prompt, sampling)]
-    tokens = [b.sample()]
-    for _ in range(steps):
-        feats.append(b.decode(tokens[-1]))
-        tokens.append(b.sample())
-    return tokens, feats
-
-
-def serve_batched(b, prompts, samplings, steps, chunk, join_at, leave_at):
-    """Run ``prompts`` batched: the first two from the start, the others joining at step
-    ``join_at`` (prefilled ``chunk`` tokens per call, one chunk per step while the others decode),
-    the second leaving at step ``leave_at``. Returns the per-sequence state and the widths."""
-    state: dict[int, dict] = {}
-    prefilling: dict[int, object] = {}
-
-    def begin(i):
-        prefilling[i] = b.start(prompts[i], samplings[i])
-
-    def prefill_some():
-        for i, seq in list(prefilling.items()):
-            features = b.prefill_chunk(seq, chunk)
-            if features is not None:
-                del prefilling[i]
-                state[i] = {"seq": seq, "tokens": [b.sample_sequence(seq)], "feats": [features]}
-
-    begin(0)
-    begin(1)
-    while prefilling:
-        prefill_some()
-    widths = []
-    for step in range(4 * steps):
-        if step == join_at:
-            for i in range(2, len(prompts)):
-                begin(i)
-        if step == leave_at:
-            del state[1]
-        prefill_some()  # newcomers' chunks interleave with the others' decoding
-        active = [i for i in state if len(state[i]["tokens"]) <= steps]
-        if not active and not prefilling:
-            break
-        if not active:
-            continue
-        widths.append(len(active))
-        out = b.decode_batch(
-            [state[i]["seq"] for i in active], [state[i]["tokens"][-1] for i in active]
-        )
-        for i, f in zip(active, out, strict=True):
-            state[i]["feats"].append(f)
-            state[i]["tokens"].append(b.sample_sequence(state[i]["seq"]))
-    return state, widths
-
-
-def assert_batched_equals_alone(b, prompts, samplings, layers, *, steps=14, chunk=4) -> float:
-    """Tokens and top-k indices equal alone's, activations within 1e-3 relative; the worst."""
-    ref = [serve_alone(b, p, s, steps) for p, s in zip(prompts, samplings, strict=True)]
-    state, widths = serve_batched(b, prompts, samplings, steps, chunk, join_at=2, leave_at=9)
-    assert max(widths) >= 3
-    worst = 0.0
-    for i, s in state.items():
-        tokens, feats = ref[i]
-        assert s["tokens"] == tokens[: len(s["tokens"])], f"sequence {i}"
-        assert len(s["tokens"]) == steps + 1
-        for step, (a, c) in enumerate(zip(feats, s["feats"], strict=True)):
-            for layer in layers:
-                np.testing.assert_array_equal(c[layer].indices, a[layer].indices, f"{i} {step}")
-                np.testing.assert_allclose(
-                    c[layer].activations, a[layer].activations, rtol=1e-3, atol=1e-6
-                )
-                nonzero = np.abs(a[layer].activations) > 0
-                rel = np.abs(c[layer].activations - a[layer].activations)[nonzero] / np.abs(
-                    a[layer].activations[nonzero]
-                )
-                worst = max(worst, float(rel.max(initial=0.0)))
-    return worst
 
 
 @pytest.fixture(scope="module")
@@ -164,31 +93,6 @@ def test_gemma3_batched_equals_alone_beyond_the_window(tiny_gemma3) -> None:
     prompts = [rng.integers(10, 500, n).tolist() for n in (31, 6, 19, 12)]
     worst = assert_batched_equals_alone(b, prompts, [GREEDY, SEEDED, GREEDY, GREEDY], (0, 2))
     print(f"\nMLX Gemma 3 batched vs alone: worst relative activation {worst:.1e}")
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 8])
-def test_chunked_prefill_equals_one_prefill(session, chunk) -> None:
-    """A 40-token prompt fed in chunks shorter than, and as long as, the window of 8 gives the
-    features and logits of one ``prefill``, steered from position 20 too (a clamp mid-prompt)."""
-    b = session.backend
-    ids = np.random.default_rng(1).integers(10, 500, 40).tolist()
-    plan = session.steering_plan(STEER, None, "all")
-    for steering in (None, session._compile(plan, 20)):
-        want = b.prefill(ids, GREEDY, steering)
-        want_logits = b.last_logits
-        seq = b.start(ids, GREEDY, steering)
-        got, fed = None, 0
-        while got is None:
-            got = b.prefill_chunk(seq, chunk)
-            fed += 1
-        assert fed == -(-len(ids) // chunk)
-        np.testing.assert_allclose(np.array(seq.logits), want_logits, rtol=1e-5, atol=1e-6)
-        assert b.sample_sequence(seq) == b.sample()
-        assert got[TINY_LAYER].indices.shape == (len(ids), 5)
-        np.testing.assert_array_equal(got[TINY_LAYER].indices, want[TINY_LAYER].indices)
-        np.testing.assert_allclose(
-            got[TINY_LAYER].activations, want[TINY_LAYER].activations, rtol=1e-5
-        )
 
 
 def test_single_sequence_path_is_untouched_by_batched_sequences(tiny_model, tiny_sae) -> None:
@@ -340,17 +244,7 @@ def assert_replies_equal_alone(got, reference, chats, max_tokens) -> float:
     for g, chat, n in zip(got, chats, max_tokens, strict=True):
         w = reference.generate(chat, max_tokens=n, temperature=0.0).run()
         assert g["text"] == w.text and g["finish"] == w.finish_reason
-        assert len(g["records"]) == len(w.records)
-        for r, a in zip(g["records"], w.records, strict=True):
-            assert (r["position"], r["phase"], r["token"], r["next_token"]) == (
-                a.position, a.phase, a.token, a.next_token,
-            )  # fmt: skip
-            assert [f["index"] for f in r["top_features"]] == [f.index for f in a.top_features]
-            acts = np.array([f["activation"] for f in r["top_features"]])
-            alone = np.array([f.activation for f in a.top_features])
-            np.testing.assert_allclose(acts, alone, rtol=1e-3, atol=1e-6)
-            if len(alone):
-                worst = max(worst, float(np.max(np.abs(acts - alone) / np.abs(alone))))
+        worst = max(worst, assert_stream_records_equal(g["records"], w.records))
     return worst
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 import openai
 import pytest
+from batching_support import assert_stream_records_equal
 from conftest import requires_torch
 from serve_support import FeatureStream, build_long_context_model, session_loader, start_server
 
@@ -83,16 +83,5 @@ def test_concurrent_streams_equal_their_replies_alone(server, reference, model) 
         assert (g["usage"].prompt_tokens, g["usage"].completion_tokens) == (
             w.prompt_tokens, w.completion_tokens,
         )  # fmt: skip
-        mine = records[g["id"]]
-        assert len(mine) == len(w.records)
-        for r, a in zip(mine, w.records, strict=True):
-            assert (r["position"], r["phase"], r["token"], r["next_token"]) == (
-                a.position, a.phase, a.token, a.next_token,
-            )  # fmt: skip
-            assert [f["index"] for f in r["top_features"]] == [f.index for f in a.top_features]
-            acts = np.array([f["activation"] for f in r["top_features"]])
-            alone = np.array([f.activation for f in a.top_features])
-            np.testing.assert_allclose(acts, alone, rtol=1e-3, atol=1e-6)
-            if len(alone):
-                worst = max(worst, float(np.max(np.abs(acts - alone) / np.abs(alone))))
+        worst = max(worst, assert_stream_records_equal(records[g["id"]], w.records))
     print(f"\nwidest batch {server.engine.widest_batch}; worst relative activation gap {worst:.1e}")
