@@ -34,6 +34,7 @@ from test_batching import (  # noqa: F401
     test_join_midway_cancel_midway_steer_and_seed_stay_per_request,
     test_structured_output_and_sampling_stay_per_request_in_a_batch,
 )
+from test_serve_batching import CHATS
 
 from neuroscope import Session
 from neuroscope.backend import SamplingParams
@@ -158,14 +159,7 @@ def test_smollm2_real_weights_batched_equals_alone(tmp_path_factory) -> None:
 
 # --- a real server: neuroscope serve --backend mlx --max-batch N ------------------------------
 
-CHATS = [
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}],
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Hello there"}],
-]
-MAX_TOKENS = [40, 30, 45, 24, 36]
+MAX_TOKENS = [40, 30, 45, 24, 36]  # for test_serve_batching's CHATS: longer replies than there
 
 
 def mlx_loader(model: Path, sae_npz: Path):
