@@ -206,6 +206,29 @@ class Backend(ABC):
         """Prefill a batch (right-padded, no cache, no generation) and reduce the SAE features of
         ``layer`` (which must have an SAE set) on the device; see :class:`BatchStats`."""
 
+    def _check_layer(self, layer: int) -> None:
+        """For subclasses: a clear error for a layer the model does not have."""
+        layers = self.info.num_layers
+        if not 0 <= layer < layers:
+            raise ConfigError(
+                f"Layer {layer} does not exist: this model has layers 0..{layers - 1}."
+            )
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """For subclasses: ``token_ids`` as ints, with a clear error for none or one outside the
+        vocabulary."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ConfigError("Give at least one token.")
+        vocab = self.info.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(
+                f"Token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1}); "
+                "was the prompt tokenized for another model?"
+            )
+        return ids
+
     def capture(
         self,
         token_ids: Sequence[int],

@@ -578,24 +578,6 @@ class MLXBackend(Backend):
             hook.edit = before
             self._update_capture()
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self._info.num_layers:
-            raise ConfigError(
-                f"Layer {layer} does not exist: this model has layers 0..{self._info.num_layers - 1}."
-            )
-
-    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
-        ids = [int(t) for t in token_ids]
-        if not ids:
-            raise ConfigError("Give at least one token.")
-        bad = [t for t in ids if not 0 <= t < self._info.vocab_size]
-        if bad:
-            raise ConfigError(
-                f"Token id {bad[0]} is outside this model's vocabulary (0..{self._info.vocab_size - 1}); "
-                "was the prompt tokenized for another model?"
-            )
-        return ids
-
 
 def _model_info(config: dict, num_layers: int) -> ModelInfo:
     text = {**config, **config.get("text_config", {})}  # multimodal configs nest the text model
