@@ -711,18 +711,24 @@ def _whole(body: dict[str, Any], name: str, default: Any = ...) -> int:
     return value
 
 
+def _json_object(raw: bytes, max_bytes: int, param: str) -> dict[str, Any]:
+    """A request body that must be a JSON object of at most ``max_bytes``; errors name ``param``."""
+    if len(raw) > max_bytes:
+        raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", param)
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise AttributionRequestError(f"The body is not JSON: {e}.", param) from None
+    if not isinstance(body, dict):
+        raise AttributionRequestError("The body must be a JSON object.", param)
+    return body
+
+
 def parse_attribute_request(raw: bytes) -> dict[str, Any]:
     """The fields of ``POST /v1/features/attribute``, type-checked: ``text`` (raw text, as
     ``trace`` takes it) or ``request_id`` (one of the server's last requests), ``layer``,
     ``feature``, ``position`` (default: the last token), ``top`` (terms listed, default 20)."""
-    if len(raw) > 8 * MAX_REQUEST_CHARS + 4096:
-        raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", "text")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise AttributionRequestError(f"The body is not JSON: {e}.", "text") from None
-    if not isinstance(body, dict):
-        raise AttributionRequestError("The body must be a JSON object.", "text")
+    body = _json_object(raw, 8 * MAX_REQUEST_CHARS + 4096, "text")
     request_id = body.get("request_id")
     if request_id is not None and "text" in body:
         raise AttributionRequestError("Give text or request_id, not both.", "request_id")
@@ -843,14 +849,7 @@ MAX_ABLATION_TOP = 10  # one forward pass per feature
 def parse_ablation_request(raw: bytes) -> dict[str, Any]:
     """The fields of ``POST /v1/features/ablation``: ``request_id`` (one of the server's last
     requests), ``layer``, ``position``, ``top`` (features, default 5, at most 10)."""
-    if len(raw) > 4096:
-        raise AttributionRequestError(f"The body is {len(raw)} bytes; far too large.", "request_id")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise AttributionRequestError(f"The body is not JSON: {e}.", "request_id") from None
-    if not isinstance(body, dict):
-        raise AttributionRequestError("The body must be a JSON object.", "request_id")
+    body = _json_object(raw, 4096, "request_id")
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
         raise AttributionRequestError(
